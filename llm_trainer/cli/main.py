@@ -1,0 +1,49 @@
+"""``llm-trainer``: ``quickstart`` (the whole pipeline on self-generated data) and ``run pipeline.toml``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="llm-trainer", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="generate a synthetic arithmetic task and train on it end to end: "
+                                          "tokenizer → pretrain → SFT → DPO → GRPO (or --vlm: a tiny VLM)")
+    q.add_argument("--output", default=None, help="run folder (default runs/quickstart or runs/quickstart_vlm)")
+    q.add_argument("--size", choices=("full", "tiny"), default="full",
+                   help="'tiny' finishes in seconds (a smoke run); 'full' is the few-minute run with real accuracy")
+    q.add_argument("--stages", default=None, help="comma-separated subset, e.g. pretrain,sft")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--vlm", action="store_true", help="train a tiny vision-language model on drawn shapes instead")
+
+    r = sub.add_parser("run", help="run (or resume) a multi-stage TOML pipeline")
+    r.add_argument("pipeline", help="pipeline .toml file")
+    r.add_argument("--only", nargs="+", default=None, help="run only these stage names")
+
+    args = ap.parse_args(argv)
+    if args.command == "quickstart":
+        if args.vlm:
+            from ..quickstart.vlm import run_vlm_quickstart
+            run_vlm_quickstart(args.output or "runs/quickstart_vlm", size=args.size, seed=args.seed)
+            return 0
+        from ..quickstart.run import STAGES, run_quickstart
+        stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGES
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown:
+            ap.error(f"--stages: unknown {unknown}; choose from {list(STAGES)}")
+        run_quickstart(args.output or "runs/quickstart", size=args.size, stages=stages, seed=args.seed)
+        return 0
+    from ..pipeline import PipelineError, run_pipeline
+    try:
+        run_pipeline(args.pipeline, only=args.only)
+    except PipelineError as e:
+        print(f"llm-trainer run: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

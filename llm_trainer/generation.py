@@ -1,0 +1,491 @@
+"""Batched autoregressive generation with a KV cache.
+
+``generate(model, prompts, config, eos_token_ids, pad_token_id)`` takes prompts as lists of token ids (any lengths),
+left-pads them, prefills them in one forward pass into a preallocated :class:`~llm_trainer.model.cache.KVCache`, then
+decodes one token per step for every row at once.
+
+Per step, the next-token logits (fp32) are processed in this order — the same order as Hugging Face:
+
+1. ``suppress_tokens`` get ``-inf``;
+2. ``repetition_penalty`` p (CTRL, Keskar et al. 2019) on every token id that occurs in the row's prompt or in its
+   generated tokens so far: a logit ``l`` becomes ``l / p`` if ``l > 0`` else ``l * p`` (HF / vLLM semantics);
+3. greedy (``do_sample=False`` or ``temperature <= 0``): ``argmax``. Otherwise ``l / temperature``, keep the
+   ``top_k`` largest, then the smallest set of tokens whose probability mass reaches ``top_p`` (the most likely token
+   is always kept), and sample from the softmax of what is left.
+
+``return_logprobs=True`` returns, for every generated token, ``log_softmax`` of the *processed* logits at that step —
+i.e. the log-probability under the distribution the token was actually drawn from (after suppression, repetition
+penalty, temperature, top-k and top-p; filtered-out tokens have probability 0). For greedy decoding there is no
+temperature and no filtering: it is ``log_softmax`` of the logits after steps 1–2. (For an RL importance ratio against
+the raw policy, recompute log-probs with a forward pass; these are the *sampling* log-probs.)
+
+A row finishes when it emits one of ``eos_token_ids`` or ``config.stop_token_ids``; the stop token is kept as the
+last token of its completion. Finished rows keep running in the batch (their outputs are discarded and padded), and
+the loop ends early once every row has finished; that check reads the device only every ``check_every`` steps
+(8 on accelerators, 1 on CPU, where reading is free).
+
+``group_size=g`` samples ``g`` completions per prompt: each distinct prompt is prefilled once and its cache rows are
+repeated (``KVCache.repeat_interleave``); output rows are ordered prompt-major (``prompt0×g, prompt1×g, …``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GenerateConfig", "GenerationOutput", "generate", "streaming_generate", "process_logits"]
+
+
+@dataclass
+class GenerateConfig:
+    """Decoding settings. ``temperature <= 0`` or ``do_sample=False`` → greedy. ``top_k`` None/0 → off."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    suppress_tokens: list[int] | None = None
+    stop_token_ids: list[int] | None = None
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"GenerateConfig.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature):
+            raise ValueError(f"GenerateConfig.temperature must be a number, got {self.temperature!r}")
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+                raise ValueError(f"GenerateConfig.top_k must be None or an int >= 0, got {self.top_k!r}")
+            if self.top_k == 0:
+                self.top_k = None
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"GenerateConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
+            raise ValueError(f"GenerateConfig.repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("suppress_tokens", "stop_token_ids"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, int):
+                v = [v]
+            v = list(v)
+            if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in v):
+                raise ValueError(f"GenerateConfig.{name} must be a list of token ids >= 0, got {getattr(self, name)!r}")
+            setattr(self, name, v)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature <= 0
+
+
+@dataclass
+class GenerationOutput:
+    """``sequences`` ``[N, P + T]``: left-padded prompts followed by the generated tokens, ``pad_token_id`` after a
+    row finished (P = longest prompt, T = steps run). ``attention_mask`` ``[N, P + T]``: 1 on prompt tokens and
+    completion tokens. ``completions[i]``: the generated ids of row i, ending with its stop token when
+    ``finished[i]``. ``logprobs[i]``: float32 tensor aligned with ``completions[i]`` (see the module docstring)."""
+
+    sequences: torch.Tensor
+    completions: list[list[int]]
+    logprobs: list[torch.Tensor] | None
+    finished: list[bool]
+    attention_mask: torch.Tensor | None = None
+    prompt_length: int = 0
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
+# ------------------------------------------------------------------------------------------- logits processing
+def process_logits(logits: torch.Tensor, config: GenerateConfig, seen: torch.Tensor | None = None,
+                   suppress: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 1–2 of the module docstring on ``[N, V]`` fp32 logits: suppression and repetition penalty.
+    ``seen`` is a ``[N, V]`` bool mask of tokens already in each row (prompt + generated)."""
+    if suppress is not None:
+        logits = logits.index_fill(1, suppress, float("-inf"))
+    if seen is not None and config.repetition_penalty != 1.0:
+        p = config.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    return logits
+
+
+def _choose(logits: torch.Tensor, config: GenerateConfig, generator: torch.Generator | None,
+            need_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step 3: pick one token per row from processed logits ``[N, V]``; returns (tokens [N], logprobs [N] | None)."""
+    if config.greedy:
+        tok = logits.argmax(dim=-1)
+        lp = None
+        if need_logprobs:
+            lp = logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        return tok, lp
+    scores = logits / config.temperature
+    idx = None
+    if config.top_k is not None and config.top_k < scores.shape[-1]:
+        scores, idx = scores.topk(config.top_k, dim=-1)  # sorted descending: continue in top-k space
+    if config.top_p < 1.0:
+        if idx is None:
+            scores, idx = scores.sort(dim=-1, descending=True)
+        probs = scores.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        scores = scores.masked_fill(mass_before >= config.top_p, float("-inf"))  # the first token always stays
+    logp = scores.log_softmax(dim=-1)
+    # Gumbel-max in its exponential form: argmax p_i / E_i with E_i ~ Exp(1) samples i with probability p_i
+    noise = torch.empty_like(logp).exponential_(1.0, generator=generator)
+    choice = (logp.exp() / noise).argmax(dim=-1)
+    lp = logp.gather(1, choice[:, None]).squeeze(1) if need_logprobs else None
+    tok = choice if idx is None else idx.gather(1, choice[:, None]).squeeze(1)
+    return tok, lp
+
+
+# ------------------------------------------------------------------------------------------------- the decoder
+def _inner_lm_head(model: nn.Module) -> nn.Module | None:
+    """The output projection module (looking inside a VLM's ``llm``), None when tied to the embeddings."""
+    inner = model
+    while getattr(inner, "lm_head", None) is None and hasattr(inner, "llm"):
+        inner = inner.llm
+    return getattr(inner, "lm_head", None)
+
+
+def _lm_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Output projection of final hidden states (through the module when there is one: LoRA, ZeRO-3 hooks)."""
+    head = _inner_lm_head(model)
+    if head is not None:
+        return head(h)
+    return F.linear(h, model.lm_head_weight())
+
+
+def _as_id_list(ids: Any, what: str) -> list[int]:
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        ids = ids.reshape(-1).tolist()
+    if isinstance(ids, int):
+        return [ids]
+    out = list(ids)
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in out):
+        raise TypeError(f"{what} must be token ids (ints), got {ids!r}")
+    return out
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+#: CPU fast path: during `generate`, fp32 `nn.Linear` weights of at least this many elements (and a tied output
+#: projection) are served from copies reordered into oneDNN's blocked layout, which makes the small-batch matmuls
+#: of decoding faster (they are memory-bound, and MKL would repack the weight at every call). The copies are made
+#: at the start of every call (never cached: a `param.data.copy_()` does not bump the tensor version, so a cache
+#: could serve stale weights) and dropped at its end; generations shorter than `CPU_PREPACK_MIN_NEW_TOKENS` skip
+#: it (the reordering would not pay off). Set `CPU_PREPACK_MIN_NUMEL = None` to disable.
+CPU_PREPACK_MIN_NUMEL: int | None = 1 << 16
+CPU_PREPACK_MIN_NEW_TOKENS: int = 16
+
+
+def _prepack_supported() -> bool:
+    return (CPU_PREPACK_MIN_NUMEL is not None and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _pack(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """A oneDNN-packed copy of ``weight``, or None when the fast path does not apply."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2 \
+            or hasattr(weight, "ds_id") or CPU_PREPACK_MIN_NUMEL is None or weight.numel() < CPU_PREPACK_MIN_NUMEL:
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch)
+    except (RuntimeError, NotImplementedError):  # a build or CPU without this path: plain F.linear
+        return None
+
+
+class _PrepackedLinears:
+    """Within one `generate` call (the model is not run by anything else meanwhile), serve plain `nn.Linear` modules
+    from packed copies of their current weights; the original forwards are restored on exit."""
+
+    def __init__(self, model: nn.Module, batch: int, enabled: bool):
+        self.model, self.batch, self.enabled, self.patched = model, batch, enabled, []
+
+    def __enter__(self):
+        if not self.enabled or not _prepack_supported():
+            return self
+        for m in self.model.modules():
+            if not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward or "forward" in m.__dict__:
+                continue
+            packed = _pack(m.weight, self.batch)
+            if packed is not None:
+                m.forward = functools.partial(_packed_linear, packed, m.bias)
+                self.patched.append(m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.patched:
+            m.__dict__.pop("forward", None)
+        self.patched = []
+        return False
+
+
+class _Decoder:
+    """Holds the state of one batched generation; `prefill()` then `step()` until `done`."""
+
+    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], config: GenerateConfig,
+                 eos_token_ids: Any, pad_token_id: int | None, group_size: int, return_logprobs: bool,
+                 generator: torch.Generator | None, pixel_values: torch.Tensor | None, model_kwargs: dict,
+                 prepack: bool = True):
+        if isinstance(prompts, torch.Tensor):
+            raise TypeError("prompts must be a list of token-id lists (left padding is done here), not a tensor")
+        if not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of token-id lists")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        rows = []
+        for i, p in enumerate(prompts):
+            p = _as_id_list(p, f"prompt {i}")
+            if not p:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. a BOS)")
+            rows.append(p)
+        mc = getattr(model, "config", None)
+        if eos_token_ids is None and mc is not None:
+            eos_token_ids = getattr(mc, "eos_token_id", None)
+        stops = _as_id_list(eos_token_ids, "eos_token_ids") + list(config.stop_token_ids or [])
+        if pad_token_id is None:
+            pad_token_id = getattr(mc, "pad_token_id", None) if mc is not None else None
+            if pad_token_id is None:
+                pad_token_id = stops[0] if stops else 0
+        self.model, self.config, self.generator = model, config, generator
+        self.pad, self.group_size, self.return_logprobs = int(pad_token_id), group_size, return_logprobs
+        self.device = _model_device(model)
+        self.check_every = 1 if self.device.type == "cpu" else 8
+        self.pixel_values, self.model_kwargs = pixel_values, dict(model_kwargs)  # prefill only
+
+        U, G = len(rows), group_size
+        self.N = N = U * G
+        lengths = torch.tensor([len(r) for r in rows])
+        self.P = P = int(lengths.max())
+        ids = torch.full((U, P), self.pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
+        self.prompt_ids = ids.to(self.device)
+        self.padded = bool((lengths != P).any())
+        T = config.max_new_tokens
+        if self.padded:
+            mask = torch.zeros((U, P + T), dtype=torch.long)
+            mask[:, P:] = 1
+            for i, r in enumerate(rows):
+                mask[i, P - len(r):P] = 1
+            self.mask = mask.to(self.device)  # decode steps pass views of it: no per-step mask rebuild
+        else:
+            self.mask = None
+        self.positions = lengths.to(self.device)  # next position of every unique row
+        self.stop_ids = torch.tensor(sorted(set(stops)), dtype=torch.long, device=self.device) if stops else None
+        self.suppress = (torch.tensor(sorted(set(config.suppress_tokens)), dtype=torch.long, device=self.device)
+                         if config.suppress_tokens else None)
+
+        from llm_trainer.model.cache import KVCache
+
+        self.cache = KVCache(max_length=P + T)
+        self.tokens = torch.full((N, T), self.pad, dtype=torch.long, device=self.device)
+        self.logprobs = torch.zeros((N, T), dtype=torch.float32, device=self.device) if return_logprobs else None
+        self.done = torch.zeros(N, dtype=torch.bool, device=self.device)
+        self.seen = None
+        self.t = 0  # tokens generated so far
+        self.all_done = False
+        self.hidden_path = True  # model supports return_hidden_states: we apply the output projection ourselves
+        self.head = functools.partial(_lm_head, model)
+        if prepack and _prepack_supported() and _inner_lm_head(model) is None and hasattr(model, "lm_head_weight"):
+            packed = _pack(model.lm_head_weight(), self.N)  # tied embeddings: no module to patch
+            if packed is not None:
+                self.head = functools.partial(_packed_linear, packed, None)
+
+    # ---------------------------------------------------------------------------------------------------
+    def _next(self, logits: torch.Tensor) -> torch.Tensor:
+        """Process [N, V] logits, choose, record; returns the tokens to feed next, [N]."""
+        logits = logits.float()
+        if self.config.repetition_penalty != 1.0 and self.seen is None:
+            V = logits.shape[-1]
+            seen = torch.zeros((self.N, V), dtype=torch.bool, device=self.device)
+            ids = self.prompt_ids.clamp(max=V - 1)
+            if self.group_size > 1:
+                ids = ids.repeat_interleave(self.group_size, dim=0)
+            if self.mask is not None:
+                real = self.mask[:, :self.P].bool()
+                if self.group_size > 1:
+                    real = real.repeat_interleave(self.group_size, dim=0)
+                ids = torch.where(real, ids, ids[:, -1:])  # padding never counts (the last prompt token is real)
+            self.seen = seen.scatter_(1, ids, True)
+        logits = process_logits(logits, self.config, self.seen, self.suppress)
+        tok, lp = _choose(logits, self.config, self.generator, self.return_logprobs)
+        tok = tok.masked_fill(self.done, self.pad)
+        t = self.t
+        self.tokens[:, t] = tok
+        if lp is not None:
+            self.logprobs[:, t] = lp.masked_fill(self.done, 0.0)
+        if self.seen is not None:
+            self.seen.scatter_(1, tok[:, None], True)
+        if self.stop_ids is not None:
+            self.done |= torch.isin(tok, self.stop_ids)
+        self.t = t + 1
+        if self.t >= self.config.max_new_tokens:
+            self.all_done = True
+        elif self.stop_ids is not None and self.t % self.check_every == 0 and bool(self.done.all()):
+            self.all_done = True
+        return tok
+
+    def prefill(self) -> torch.Tensor:
+        mask = self.mask[:, :self.P] if self.mask is not None else None
+        kwargs = dict(self.model_kwargs)
+        if self.pixel_values is not None:
+            kwargs["pixel_values"] = self.pixel_values
+        try:
+            out = self.model(input_ids=self.prompt_ids, attention_mask=mask, past_key_values=self.cache,
+                             use_cache=True, return_hidden_states=True, **kwargs)
+            logits = self.head(out.hidden_states[:, -1])  # only the last position's logits
+        except TypeError as e:
+            if "return_hidden_states" not in str(e):
+                raise
+            self.hidden_path = False
+            out = self.model(input_ids=self.prompt_ids, attention_mask=mask, past_key_values=self.cache,
+                             use_cache=True, **kwargs)
+            logits = out.logits[:, -1]
+        if out.past_key_values is not None:
+            self.cache = out.past_key_values
+        if self.group_size > 1:
+            G = self.group_size
+            self.cache.repeat_interleave(G)
+            logits = logits.repeat_interleave(G, dim=0)
+            self.positions = self.positions.repeat_interleave(G)
+            if self.mask is not None:
+                self.mask = self.mask.repeat_interleave(G, dim=0)
+        return self._next(logits)
+
+    def step(self, last: torch.Tensor) -> torch.Tensor:
+        t = self.t  # tokens already generated; `last` is token t-1, at position prompt_len + t - 1
+        pos = (self.positions + (t - 1))[:, None]
+        mask = self.mask[:, :self.P + t] if self.mask is not None else None
+        if self.hidden_path:
+            out = self.model(input_ids=last[:, None], attention_mask=mask, position_ids=pos,
+                             past_key_values=self.cache, use_cache=True, return_hidden_states=True)
+            logits = self.head(out.hidden_states[:, -1])
+        else:
+            out = self.model(input_ids=last[:, None], attention_mask=mask, position_ids=pos,
+                             past_key_values=self.cache, use_cache=True)
+            logits = out.logits[:, -1]
+        if out.past_key_values is not None:
+            self.cache = out.past_key_values
+        return self._next(logits)
+
+    def output(self) -> GenerationOutput:
+        T, N, G = self.t, self.N, self.group_size
+        tokens = self.tokens[:, :T]
+        if self.stop_ids is not None:
+            is_stop = torch.isin(tokens, self.stop_ids)
+            finished = is_stop.any(dim=1)
+            first = torch.where(finished, is_stop.int().argmax(dim=1) + 1, T)
+        else:
+            finished = torch.zeros(N, dtype=torch.bool, device=tokens.device)
+            first = torch.full((N,), T, device=tokens.device)
+        keep = torch.arange(T, device=tokens.device)[None, :] < first[:, None]
+        tokens = tokens.masked_fill(~keep, self.pad)
+        prompt = self.prompt_ids.repeat_interleave(G, dim=0) if G > 1 else self.prompt_ids
+        if self.mask is not None:
+            pmask = self.mask[:, :self.P]
+        else:
+            pmask = torch.ones_like(prompt)
+        sequences = torch.cat([prompt, tokens], dim=1)
+        attention_mask = torch.cat([pmask, keep.long()], dim=1)
+        lengths = first.tolist()
+        rows = tokens.tolist()
+        completions = [r[:n] for r, n in zip(rows, lengths)]
+        logprobs = None
+        if self.logprobs is not None:
+            lp = self.logprobs[:, :T].cpu()
+            logprobs = [lp[i, :n].clone() for i, n in enumerate(lengths)]
+        return GenerationOutput(sequences=sequences.clone(), completions=completions, logprobs=logprobs,
+                                finished=[bool(x) for x in finished.tolist()],
+                                attention_mask=attention_mask.clone(), prompt_length=self.P)
+
+
+class _EvalMode:
+    """model.eval() inside, the previous training flags restored after (per module)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes:
+            m.training = mode
+        return False
+
+
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: GenerateConfig | None = None,
+             eos_token_ids: int | Sequence[int] | None = None, pad_token_id: int | None = None, group_size: int = 1,
+             return_logprobs: bool = False, generator: torch.Generator | None = None,
+             pixel_values: torch.Tensor | None = None, **model_kwargs) -> GenerationOutput:
+    """Generate completions for ``prompts`` (lists of token ids); see the module docstring for the semantics.
+
+    ``eos_token_ids`` None → ``model.config.eos_token_id``; pass ``[]`` to ignore EOS. ``pad_token_id`` None →
+    ``model.config.pad_token_id``, else the first stop id, else 0. ``generator`` (on the model's device) seeds
+    sampling. ``pixel_values`` (and any extra ``model_kwargs`` such as ``image_counts``) go to the prefill forward
+    only. The model runs in eval mode under ``torch.inference_mode``; its training flags are restored after.
+    """
+    config = config if config is not None else GenerateConfig()
+    n_rows = len(prompts) * group_size if isinstance(prompts, Sequence) and isinstance(group_size, int) else 1
+    prepack = config.max_new_tokens >= CPU_PREPACK_MIN_NEW_TOKENS
+    with _EvalMode(model), torch.inference_mode(), _PrepackedLinears(model, max(1, n_rows), prepack):
+        dec = _Decoder(model, prompts, config, eos_token_ids, pad_token_id, group_size, return_logprobs, generator,
+                       pixel_values, model_kwargs, prepack=prepack)
+        tok = dec.prefill()
+        while not dec.all_done:
+            tok = dec.step(tok)
+        out = dec.output()
+    # outputs leave inference mode as ordinary tensors (usable as inputs to autograd later)
+    out.sequences = out.sequences.clone()
+    out.attention_mask = out.attention_mask.clone()
+    if out.logprobs is not None:
+        out.logprobs = [x.clone() for x in out.logprobs]
+    return out
+
+
+def streaming_generate(model: nn.Module, prompt: Sequence[int], config: GenerateConfig | None = None,
+                       eos_token_ids: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                       generator: torch.Generator | None = None, pixel_values: torch.Tensor | None = None,
+                       **model_kwargs) -> Iterator[int]:
+    """Yield the generated token ids of one prompt one at a time (the stop token, if reached, is yielded last).
+    Same decoding as :func:`generate` with a batch of one; the model is in eval mode between yields and its
+    training flags are restored when the iterator finishes or is closed."""
+    config = config if config is not None else GenerateConfig()
+    if prompt and isinstance(prompt[0], (list, tuple)):
+        raise ValueError("streaming_generate takes one prompt (a list of token ids); use generate for batches")
+    ctx = _EvalMode(model)
+    ctx.__enter__()
+    try:
+        with torch.inference_mode():
+            dec = _Decoder(model, [prompt], config, eos_token_ids, pad_token_id, 1, False, generator,
+                           pixel_values, model_kwargs, prepack=False)
+            tok = dec.prefill()
+        while True:
+            yield int(tok[0])
+            if dec.all_done or bool(dec.done[0]):
+                return
+            with torch.inference_mode():
+                tok = dec.step(tok)
+    finally:
+        ctx.__exit__(None, None, None)

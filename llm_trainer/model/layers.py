@@ -1,0 +1,209 @@
+"""Building blocks: RMSNorm, initialised Linear/Embedding, RoPE, SwiGLU MLP, grouped-query attention.
+
+Initialisation lives in each leaf module's `reset_parameters`, which runs inside that module's own `__init__`.
+This matters under DeepSpeed `zero.Init`: parameters are partitioned as soon as the module that owns them is
+built, so a parent-level init pass afterwards would write into empty placeholders and be silently lost.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, RoPEScalingConfig
+
+if TYPE_CHECKING:
+    from .cache import KVCache
+
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` initialised with normal(0, init_std) weights and zero bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, init_std: float = 0.02, **kw):
+        self.init_std = init_std  # read by reset_parameters(), which nn.Linear.__init__ calls
+        super().__init__(in_features, out_features, bias=bias, **kw)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` initialised with normal(0, init_std)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float = 0.02, **kw):
+        self.init_std = init_std
+        super().__init__(num_embeddings, embedding_dim, **kw)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32; the weight multiplies the result cast back to the input dtype (as HF)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(config: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (fp32, `[head_dim/2]`) and the cos/sin attention factor for sequences of `seq_len`."""
+    dim, base = config.head_dim, config.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    sc: RoPEScalingConfig | None = config.rope_scaling
+    if sc is None:
+        return 1.0 / base**exponents, 1.0
+    if sc.rope_type == "linear":
+        return 1.0 / base**exponents / sc.factor, 1.0
+    if sc.rope_type == "dynamic":
+        max_pos = config.max_position_embeddings
+        seq_len = max(seq_len, max_pos)
+        base = base * ((sc.factor * seq_len / max_pos) - (sc.factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / base**exponents, 1.0
+    original = sc.original_max_position_embeddings or config.max_position_embeddings
+    inv_freq = 1.0 / base**exponents
+    if sc.rope_type == "llama3":
+        low_wavelen = original / sc.low_freq_factor
+        high_wavelen = original / sc.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+        smooth = (original / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = sc.attention_factor
+    if attention_factor is None:
+        if sc.mscale and sc.mscale_all_dim:
+            attention_factor = mscale(sc.factor, sc.mscale) / mscale(sc.factor, sc.mscale_all_dim)
+        else:
+            attention_factor = mscale(sc.factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(sc.beta_fast), correction_dim(sc.beta_slow)
+    if sc.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (inv_freq / sc.factor) * (1 - extrapolation) + inv_freq * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def rope_cos_sin(
+    config: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[B, S, head_dim]` for `position_ids` `[B, S]`, computed in fp32 with autocast off."""
+    seq_len = int(position_ids.max()) + 1 if (config.rope_scaling and config.rope_scaling.rope_type == "dynamic") else 0
+    inv_freq, scale = rope_inv_freq(config, seq_len, device=position_ids.device)
+    with torch.autocast(device_type=position_ids.device.type, enabled=False):
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `[B, heads, S, D]` by cos/sin `[B, S, D]`."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------------- MLP
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, init_std: float = 0.02):
+        super().__init__()
+        self.gate_proj = Linear(hidden_size, intermediate_size, init_std=init_std)
+        self.up_proj = Linear(hidden_size, intermediate_size, init_std=init_std)
+        self.down_proj = Linear(intermediate_size, hidden_size, init_std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+class Attention(nn.Module):
+    """Grouped-query attention over `F.scaled_dot_product_attention`, optional qkv bias and per-head qk-norm."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c, std = config, config.initializer_range
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.dropout = c.attention_dropout
+        self.q_proj = Linear(c.hidden_size, self.num_heads * self.head_dim, bias=c.attention_bias, init_std=std)
+        self.k_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias, init_std=std)
+        self.v_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias, init_std=std)
+        self.o_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, init_std=std)
+        if c.use_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """`attn_mask` is boolean `[B, 1, S, K]` (True = attend) or None; `is_causal` is used only without a mask."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        kwargs = {}
+        if self.num_kv_heads != self.num_heads:
+            if _SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:
+                rep = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            is_causal=is_causal and attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            **kwargs,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))

@@ -1,0 +1,44 @@
+"""Held-out exact-match accuracy of an exported model on the synthetic arithmetic task."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..generation import GenerateConfig, generate
+from .task import exact_match
+
+
+def load_test_set(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prompts_for(records: list[dict], tokenizer, chat: bool) -> list[list[int]]:
+    """Chat prompts (the SFT/DPO/GRPO format) or plain ``a+b=`` completions (the pretraining format)."""
+    if chat:
+        return [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True).input_ids for r in records]
+    return [tokenizer.encode(r["prompt"][-1]["content"].replace("=?", "=")) for r in records]
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, tokenizer, records: list[dict], *, chat: bool = True, batch_size: int = 64,
+             max_new_tokens: int = 6) -> float:
+    """Greedy-decode each held-out prompt; the fraction whose first integer equals the answer."""
+    was_training = model.training
+    model.eval()
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, do_sample=False)
+    stops = tokenizer.chat_stop_token_ids() if chat else tokenizer.stop_token_ids
+    prompts = prompts_for(records, tokenizer, chat)
+    hits = 0.0
+    for i in range(0, len(prompts), batch_size):
+        out = generate(model, prompts[i:i + batch_size], cfg, eos_token_ids=stops,
+                       pad_token_id=tokenizer.pad_token_id)
+        for rec, ids in zip(records[i:i + batch_size], out.completions):
+            text = tokenizer.decode(ids)
+            if not chat:   # a plain completion runs on past the answer: keep its first line
+                text = text.split("\n")[0]
+            hits += exact_match(text, rec["answer"])
+    model.train(was_training)
+    return hits / max(1, len(records))

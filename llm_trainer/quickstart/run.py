@@ -1,0 +1,163 @@
+"""The quickstart pipeline: data → tokenizer → pretrain → SFT → DPO → GRPO, with held-out accuracy after each stage.
+
+Everything is generated locally (no hub access). Sizes are chosen so the whole run takes a few minutes on a 2-core
+CPU; ``size="tiny"`` is the test-suite setting (seconds, no accuracy claims).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .evaluate import accuracy, load_test_set
+from .task import exact_match, write_task_files
+
+
+@dataclass(frozen=True)
+class QuickstartSize:
+    hidden: int
+    layers: int
+    heads: int
+    max_operand: int
+    pretrain_repeats: int
+    pretrain_epochs: int
+    sft_epochs: int
+    dpo_steps: int
+    grpo_steps: int
+    batch_size: int
+    test_limit: int
+
+
+SIZES = {
+    "full": QuickstartSize(hidden=128, layers=4, heads=4, max_operand=49, pretrain_repeats=6, pretrain_epochs=1,
+                           sft_epochs=2, dpo_steps=30, grpo_steps=20, batch_size=32, test_limit=250),
+    "tiny": QuickstartSize(hidden=32, layers=2, heads=2, max_operand=9, pretrain_repeats=1, pretrain_epochs=1,
+                           sft_epochs=1, dpo_steps=2, grpo_steps=2, batch_size=8, test_limit=10),
+}
+STAGES = ("pretrain", "sft", "dpo", "grpo")
+
+
+def arithmetic_reward(*, completions, answers, **_):
+    """GRPO reward: 1 when the completion's first integer is the reference answer, else 0."""
+    return [exact_match(c, a) if a is not None else 0.0 for c, a in zip(completions, answers)]
+
+
+def _train_config(out: Path, stage: str, tokenizer_dir: Path, size: QuickstartSize, init: Path | None, **kw):
+    from ..configs import OptimConfig, TrainConfig
+    from ..model import ModelConfig
+    lr = kw.pop("lr")
+    model = None if init else ModelConfig(
+        vocab_size=kw.pop("vocab_size"), hidden_size=size.hidden, num_hidden_layers=size.layers,
+        num_attention_heads=size.heads, num_key_value_heads=max(1, size.heads // 2), max_position_embeddings=256,
+        tie_word_embeddings=True)
+    kw.pop("vocab_size", None)
+    return TrainConfig(
+        output_dir=str(out / stage), tokenizer=str(tokenizer_dir), init_weights_path=str(init) if init else None,
+        model_config=model, batch_size=kw.pop("batch_size", size.batch_size), dataset_block_size=64, seed=0, log_interval=5,
+        save_interval=10_000, eval_interval=10_000, resume_from="auto",
+        optim_config=OptimConfig(initial_lr=lr, max_lr=lr, min_lr=lr / 10, warmup_iters=kw.pop("warmup", 10),
+                                 weight_decay=0.01),
+        **kw)
+
+
+def run_quickstart(output_dir: str | Path = "runs/quickstart", size: str = "full", stages=STAGES,
+                   seed: int = 0) -> dict[str, dict[str, float]]:
+    """Run the pipeline and return ``{stage: {metric: value}}`` (also written to ``results.json``)."""
+    from ..configs import DPOConfig, GRPOConfig, PretrainConfig, SFTConfig
+    from ..data import prepare_data
+    from ..generation import GenerateConfig
+    from ..model import LlmModel
+    from ..tokenizer import Tokenizer, train_tokenizer
+    from ..trainers.dpo import DPOTrainer
+    from ..trainers.grpo import GRPOTrainer
+    from ..trainers.pretrain import Trainer
+    from ..trainers.sft import SFTTrainer
+
+    sz = SIZES[size]
+    out = Path(output_dir)
+    t_start = time.perf_counter()
+    say = lambda msg: print(f"[quickstart {time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)  # noqa: E731
+
+    files = write_task_files(out / "data", seed=seed, max_operand=sz.max_operand, pretrain_repeats=sz.pretrain_repeats)
+    test = load_test_set(files["test"])[:sz.test_limit]
+    say(f"synthetic a+b task written to {out / 'data'} ({len(test)} held-out problems)")
+    tok_dir = out / "tokenizer"
+    tokenizer = train_tokenizer([files["pretrain"], files["sft"]], vocab_size=384, output_dir=tok_dir,
+                                template="chatml", show_progress=False)
+    tok = Tokenizer(tok_dir)
+    say(f"tokenizer trained: vocab {tok.vocab_size}")
+    data = out / "data"
+    for stage, name in (("pretrain", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("rl", "rl")):
+        prepare_data(stage, tok, files[name], data / f"{name}_tokens", progress=False)
+    prepare_data("rl", tok, files["test"], data / "test_tokens", progress=False)
+    say("data prepared (memory-mapped .npy)")
+
+    results: dict[str, dict[str, float]] = {}
+    init: Path | None = None
+
+    def finish(stage: str, trainer, extra: dict | None = None) -> None:
+        nonlocal init
+        init = out / stage / "final"
+        model = LlmModel.from_pretrained(init)
+        res = {"chat_accuracy": accuracy(model, tok, test, chat=True)}
+        if stage == "pretrain":
+            res["completion_accuracy"] = accuracy(model, tok, test, chat=False)
+        res.update(extra or {})
+        results[stage] = res
+        say(f"{stage} done → held-out " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    vocab = tok.vocab_size
+    if "pretrain" in stages:
+        cfg = _train_config(out, "pretrain", tok_dir, sz, None, vocab_size=vocab, lr=3e-3,
+                            n_epochs=sz.pretrain_epochs, file_dataset=[str(data / "pretrain_tokens.npy")],
+                            pretrain_config=PretrainConfig())
+        trainer = Trainer(train_config=cfg, eval_prompts=["12+7="])
+        trainer.train()
+        finish("pretrain", trainer)
+    if "sft" in stages:
+        cfg = _train_config(out, "sft", tok_dir, sz, init, vocab_size=vocab, lr=2e-3, n_epochs=sz.sft_epochs,
+                            file_dataset=[str(data / "sft_tokens")], sft_config=SFTConfig(mask_prompt=True))
+        trainer = SFTTrainer(train_config=cfg, eval_prompts=["12+7=?"])
+        trainer.train()
+        finish("sft", trainer)
+    if "dpo" in stages:
+        cfg = _train_config(out, "dpo", tok_dir, sz, init, vocab_size=vocab, lr=2e-4, n_epochs=1,
+                            max_steps=sz.dpo_steps, warmup=2, file_dataset=[str(data / "dpo_tokens")],
+                            dpo_config=DPOConfig(loss_beta=0.1))
+        trainer = DPOTrainer(train_config=cfg, eval_prompts=["12+7=?"])
+        before = trainer.preference_accuracy()
+        trainer.train()
+        after = trainer.preference_accuracy()
+        finish("dpo", trainer, {"preference_accuracy_before": before["rewards/accuracy"],
+                                "preference_accuracy_after": after["rewards/accuracy"]})
+    if "grpo" in stages:
+        gen = GenerateConfig(max_new_tokens=6, temperature=1.0)
+        cfg = _train_config(out, "grpo", tok_dir, sz, init, vocab_size=vocab, lr=2e-4, n_epochs=1,
+                            max_steps=sz.grpo_steps, warmup=2, batch_size=max(2, sz.batch_size // 4),
+                            file_dataset=[str(data / "rl_tokens")],
+                            grpo_config=GRPOConfig(group_size=8, loss_beta=0.0, generate_config=gen))
+        trainer = GRPOTrainer(train_config=cfg, reward_func=arithmetic_reward, eval_prompts=["12+7=?"])
+        trainer.train()
+        rewards = [json.loads(line) for line in open(out / "grpo" / "metrics.jsonl") if '"reward' in line]
+        key = "reward/mean" if rewards else None
+        extra = {}
+        if key:
+            vals = [r[key] for r in rewards if key in r]
+            k = max(1, len(vals) // 4)
+            extra = {"mean_reward_first": sum(vals[:k]) / k, "mean_reward_last": sum(vals[-k:]) / k}
+        finish("grpo", trainer, extra)
+    _plots(out, [s for s in STAGES if s in results])
+    say(f"finished in {time.perf_counter() - t_start:.0f}s; results in {out / 'results.json'}")
+    return results
+
+
+def _plots(out: Path, stages: list[str]) -> None:
+    """One PNG per stage (a panel per logged metric) next to its ``metrics.jsonl``."""
+    from ..cli.vis import plot_metrics
+    from ..metrics import read_metrics
+    for stage in stages:
+        log = out / stage / "metrics.jsonl"
+        if log.is_file():
+            plot_metrics([(stage, read_metrics(log))], out / stage / "metrics.png")

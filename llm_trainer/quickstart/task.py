@@ -1,0 +1,99 @@
+"""The synthetic arithmetic task: ``a+b`` with two-digit operands, as text, chat, preference pairs and RL prompts.
+
+Held-out problems are operand pairs never seen in any training file, so accuracy measures generalisation.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+SYSTEM = "You add numbers."
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    b: int
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b
+
+    @property
+    def question(self) -> str:
+        return f"{self.a}+{self.b}=?"
+
+
+def split_problems(max_operand: int = 49, test_fraction: float = 0.1, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """All ``a+b`` with ``0 ≤ a, b ≤ max_operand``, split into disjoint train and held-out sets."""
+    rng = random.Random(seed)
+    problems = [Problem(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    rng.shuffle(problems)
+    n_test = max(1, int(len(problems) * test_fraction))
+    return problems[n_test:], problems[:n_test]
+
+
+def chat_prompt(p: Problem) -> list[dict]:
+    return [{"role": "user", "content": p.question}]
+
+
+def pretrain_lines(problems: list[Problem], rng: random.Random, repeats: int) -> list[str]:
+    forms = ("{a}+{b}={c}", "{a} plus {b} is {c}", "{b}+{a}={c}", "{c}={a}+{b}")
+    out = []
+    for _ in range(repeats):
+        for p in problems:
+            out.append(rng.choice(forms).format(a=p.a, b=p.b, c=p.answer))
+    rng.shuffle(out)
+    return out
+
+
+def wrong_answer(p: Problem, rng: random.Random) -> int:
+    delta = rng.choice([-10, -2, -1, 1, 2, 10, 11])
+    return max(0, p.answer + delta) if p.answer + delta != p.answer else p.answer + 1
+
+
+def write_jsonl(path: Path, records) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+            n += 1
+    return n
+
+
+def write_task_files(out: Path, seed: int = 0, max_operand: int = 49, pretrain_repeats: int = 4) -> dict[str, Path]:
+    """Write every stage's jsonl into ``out`` and return their paths."""
+    rng = random.Random(seed)
+    train, test = split_problems(max_operand, seed=seed)
+    files = {
+        "pretrain": out / "pretrain.jsonl",
+        "sft": out / "sft.jsonl",
+        "dpo": out / "dpo.jsonl",
+        "rl": out / "rl.jsonl",
+        "test": out / "test.jsonl",
+    }
+    write_jsonl(files["pretrain"], ({"text": t} for t in pretrain_lines(train, rng, pretrain_repeats)))
+    write_jsonl(files["sft"], ({"messages": chat_prompt(p) + [{"role": "assistant", "content": str(p.answer)}]}
+                               for p in train))
+    write_jsonl(files["dpo"], ({"prompt": chat_prompt(p), "chosen": str(p.answer),
+                                "rejected": str(wrong_answer(p, rng))} for p in train))
+    write_jsonl(files["rl"], ({"prompt": chat_prompt(p), "answer": str(p.answer)} for p in train))
+    write_jsonl(files["test"], ({"prompt": chat_prompt(p), "answer": str(p.answer)} for p in test))
+    return files
+
+
+_INT = re.compile(r"-?\d+")
+
+
+def extract_answer(text: str) -> str | None:
+    """The first integer in a completion (None if there is none)."""
+    m = _INT.search(text)
+    return m.group(0) if m else None
+
+
+def exact_match(completion: str, answer: str) -> float:
+    return 1.0 if extract_answer(completion) == str(answer).strip() else 0.0

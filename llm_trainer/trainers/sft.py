@@ -1,0 +1,60 @@
+"""`SFTTrainer`: supervised fine-tuning on chat data (prompt tokens masked), optional packing, VLM images."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..configs import SFTConfig
+from ..data.collate import collate_for
+from ..data.datasets import open_dataset
+from .lm import LanguageModelingTrainer
+
+
+class SFTTrainer(LanguageModelingTrainer):
+    """``SFTTrainer(train_config=..., eval_prompts=[...], eval_image_tags=None).train()``."""
+
+    stage = "sft"
+
+    def get_stage_config(self) -> SFTConfig:
+        return self.config.sft_config or SFTConfig()
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        sc = self.stage_config
+        freeze = getattr(model, "freeze", None)
+        if freeze is not None and (sc.freeze_llm_model or sc.freeze_vision_encoder):
+            freeze(llm=sc.freeze_llm_model or None, vision=sc.freeze_vision_encoder or None)
+        elif sc.freeze_llm_model:
+            raise ValueError("SFTConfig.freeze_llm_model=True needs a VLM (model_config=VLMConfig(...)): freezing "
+                             "the whole LLM would leave nothing to train")
+
+    def build_dataset(self, files: Any):
+        return open_dataset("sft", files, self.config.block_size, vocab_size=self.model_config.vocab_size)
+
+    def collate(self, items: list[dict]) -> dict:
+        if not self.stage_config.mask_prompt:
+            items = [{**it, "labels": it["input_ids"].clone()} for it in items]
+        if not hasattr(self, "_collate"):
+            self._collate = collate_for("sft", self.pad_token_id(), packing=self.stage_config.packing,
+                                        block_size=self.config.block_size)
+        return self.attach_images(items, self._collate(items))
+
+    def attach_images(self, items: list[dict], batch: dict) -> dict:
+        paths = [p for it in items for p in (it.get("images") or [])]
+        batch.pop("images", None)
+        if not paths:
+            return batch
+        from ..images import load_pixel_values
+        provider = self.stage_config.pixel_values_provider or self.default_pixel_provider()
+        batch["pixel_values"] = load_pixel_values(provider, paths)
+        return batch
+
+    def default_pixel_provider(self):
+        from ..images import DefaultPixelValuesProvider
+        if not hasattr(self, "_pixel_provider"):
+            self._pixel_provider = DefaultPixelValuesProvider.from_vision_config(self.model_config.vision_config)
+        return self._pixel_provider
+
+    def format_eval_prompt(self, prompt: str) -> list[int]:
+        messages = [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True).input_ids

@@ -1,0 +1,142 @@
+"""Launchers: argument pass-through, exit codes, --dry-run for every branch. Real processes, no mocks of what
+runs; only the branch conditions (CUDA present, DeepSpeed importable) are forced for the dry-run tests."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_scripts"))
+from runner import ROOT, SCRIPTS, subprocess_env  # noqa: E402
+
+from llm_trainer.cli import launch  # noqa: E402
+
+EXIT = os.path.join(SCRIPTS, "exit_with.py")
+TRICKY = ["--lr", "3e-4", "--name", "a b 'c'", "--nproc", "7", "--dry-run", "-m", "x;y", ""]
+
+
+def run_launcher(fn: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    code = f"from llm_trainer.cli.launch import {fn}; {fn}()"
+    return subprocess.run([sys.executable, "-c", code, *args], env=subprocess_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def argv_lines(stdout: str) -> list[dict]:
+    return [json.loads(line.split(" ", 1)[1]) for line in stdout.splitlines() if line.startswith("ARGV_JSON ")]
+
+
+def dry(monkeypatch, capsys, fn, argv, cuda=0, ds=True) -> list[str]:
+    monkeypatch.setattr(launch, "_cuda_count", lambda: cuda)
+    monkeypatch.setattr(launch, "_deepspeed_importable", lambda: ds)
+    with pytest.raises(SystemExit) as exc:
+        fn(argv)
+    assert exc.value.code == 0
+    return shlex.split(capsys.readouterr().out.strip())
+
+
+# -- real runs ------------------------------------------------------------------------------------------------
+def test_python_branch_passes_args_and_exit_code():
+    p = run_launcher("smart_train", EXIT, *TRICKY, "3")
+    assert p.returncode == 3, p.stderr
+    (line,) = argv_lines(p.stdout)
+    assert line["argv"] == TRICKY + ["3"] and line["rank"] is None
+
+
+def test_python_branch_success_exit_code():
+    p = run_launcher("smart_train", EXIT, "0")
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.distributed
+def test_torchrun_branch_passes_args_and_worker_exit_code():
+    p = run_launcher("smart_train", "--nproc", "2", EXIT, *TRICKY, "3")
+    assert p.returncode == 3, p.stdout + p.stderr  # torchrun alone would say 1
+    lines = argv_lines(p.stdout)
+    assert sorted(x["rank"] for x in lines) == ["0", "1"] and {x["world_size"] for x in lines} == {"2"}
+    assert all(x["argv"] == TRICKY + ["3"] for x in lines)
+
+
+@pytest.mark.distributed
+def test_ddp_train_success():
+    p = run_launcher("ddp_train", "--nproc", "2", EXIT, "0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(argv_lines(p.stdout)) == 2
+
+
+def test_bad_launcher_option_is_a_usage_error():
+    p = run_launcher("smart_train", "--nproc", "0", EXIT, "0")
+    assert p.returncode == 2 and "--nproc" in p.stderr
+    p = run_launcher("smart_train")
+    assert p.returncode == 2
+
+
+# -- dry runs, one per branch ---------------------------------------------------------------------------------
+def test_dry_run_python_branch(monkeypatch, capsys):
+    cmd = dry(monkeypatch, capsys, launch.smart_train, ["--dry-run", "train.py", "--x", "a b"])
+    assert cmd == [sys.executable, "train.py", "--x", "a b"]
+
+
+def test_dry_run_python_module(monkeypatch, capsys):
+    cmd = dry(monkeypatch, capsys, launch.smart_train, ["--dry-run", "-m", "pkg.train", "--x"])
+    assert cmd == [sys.executable, "-m", "pkg.train", "--x"]
+
+
+def test_dry_run_torchrun_branch(monkeypatch, capsys):
+    cmd = dry(monkeypatch, capsys, launch.smart_train, ["--nproc", "2", "--dry-run", "train.py", "--dry-run"])
+    assert cmd == [sys.executable, "-m", "llm_trainer.cli.launch", "--nproc-per-node=2", "--nnodes=1",
+                   "train.py", "--dry-run"]  # the script's own --dry-run is passed through
+
+
+def test_dry_run_torchrun_multinode(monkeypatch, capsys):
+    cmd = dry(monkeypatch, capsys, launch.smart_train,
+              ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.1.2.3", "--master-port", "29555",
+               "--dry-run", "train.py"], ds=False)
+    assert cmd == [sys.executable, "-m", "llm_trainer.cli.launch", "--nproc-per-node=1", "--nnodes=2",
+                   "--node-rank=1", "--master-addr=10.1.2.3", "--master-port=29555", "train.py"]
+
+
+def test_dry_run_deepspeed_branch_with_accelerators(monkeypatch, capsys):
+    cmd = dry(monkeypatch, capsys, launch.smart_train,
+              ["--nproc", "4", "--dry-run", "train.py", "--cfg", "x.toml"], cuda=4)
+    assert cmd == [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=4", "train.py", "--cfg",
+                   "x.toml"]
+
+
+def test_dry_run_deepspeed_hostfile_multinode(monkeypatch, capsys):
+    cmd = dry(monkeypatch, capsys, launch.smart_train,
+              ["--hostfile", "hosts", "--nnodes", "2", "--master-addr", "n0", "--master-port", "29600",
+               "--dry-run", "train.py"], cuda=0)
+    assert cmd == [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile=hosts", "--num_nodes=2",
+                   "--master_addr=n0", "--master_port=29600", "train.py"]
+
+
+def test_no_accelerator_or_no_deepspeed_falls_back(monkeypatch, capsys):
+    cmd = dry(monkeypatch, capsys, launch.smart_train, ["--nproc", "2", "--dry-run", "t.py"], cuda=2, ds=False)
+    assert cmd[2] == "llm_trainer.cli.launch"  # DeepSpeed missing -> torchrun
+    cmd = dry(monkeypatch, capsys, launch.smart_train, ["--dry-run", "t.py"], cuda=0, ds=True)
+    assert cmd == [sys.executable, "t.py"]  # CPU, one process -> python
+
+
+def test_dry_run_ds_train(monkeypatch, capsys):
+    cmd = dry(monkeypatch, capsys, launch.ds_train,
+              ["--nnodes", "2", "--node-rank", "0", "--nproc", "1", "--dry-run", "t.py", "a"], cuda=0)
+    assert cmd == [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=1", "--num_nodes=2",
+                   "--node_rank=0", "--no_ssh", "t.py", "a"]
+
+
+def test_dry_run_ddp_train_defaults(monkeypatch, capsys):
+    cmd = dry(monkeypatch, capsys, launch.ddp_train, ["--dry-run", "t.py"], cuda=0)
+    assert cmd[3:5] == ["--nproc-per-node=1", "--nnodes=1"]  # CPU-only: one process unless asked
+    cmd = dry(monkeypatch, capsys, launch.ddp_train, ["--dry-run", "t.py"], cuda=8)
+    assert cmd[3] == "--nproc-per-node=8"  # default: one process per GPU
+
+
+def test_node_rank_must_be_below_nnodes(monkeypatch, capsys):
+    monkeypatch.setattr(launch, "_cuda_count", lambda: 0)
+    with pytest.raises(SystemExit) as exc:
+        launch.smart_train(["--nnodes", "2", "--node-rank", "2", "t.py"])
+    assert exc.value.code == 2
