@@ -220,10 +220,30 @@ class _PrepackedLinears:
         self.model, self.batch, self.enabled, self.patched = model, batch, enabled, []
 
     def __enter__(self):
+        self.fused = []
         if not self.enabled or not _prepack_supported():
             return self
+        from llm_trainer.model.layers import MLP, Attention
+
+        # Attention q/k/v and MLP gate/up: one packed concatenated weight each (one matmul instead of 3 / 2; each
+        # output column is the same dot product as before). Other plain linears: packed one by one.
+        fused_linears: set[int] = set()
         for m in self.model.modules():
-            if not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward or "forward" in m.__dict__:
+            if isinstance(m, Attention):
+                attr, parts = "fused_qkv", (m.q_proj, m.k_proj, m.v_proj)
+            elif isinstance(m, MLP):
+                attr, parts = "fused_gate_up", (m.gate_proj, m.up_proj)
+            else:
+                continue
+            if getattr(m, attr, None) is not None or not all(_plain_linear(p) for p in parts):
+                continue
+            fn = _fused_packed(parts, self.batch)
+            if fn is not None:
+                setattr(m, attr, fn)
+                self.fused.append((m, attr))
+                fused_linears.update(id(p) for p in parts)
+        for m in self.model.modules():
+            if not _plain_linear(m) or id(m) in fused_linears:
                 continue
             packed = _pack(m.weight, self.batch)
             if packed is not None:
@@ -234,8 +254,31 @@ class _PrepackedLinears:
     def __exit__(self, *exc):
         for m in self.patched:
             m.__dict__.pop("forward", None)
-        self.patched = []
+        for m, attr in self.fused:
+            setattr(m, attr, None)
+        self.patched, self.fused = [], []
         return False
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and "forward" not in m.__dict__
+
+
+def _fused_packed(linears: Sequence[nn.Linear], batch: int):
+    """A callable computing ``cat([l(x) for l in linears], -1)`` with one packed matmul, or None (not applicable:
+    mixed dtypes/devices/bias presence, ZeRO-3 partitioned weights, or no packing on this build)."""
+    ws = [m.weight for m in linears]
+    if any(hasattr(w, "ds_id") or w.dtype != ws[0].dtype or w.device != ws[0].device or w.dim() != 2
+           or w.shape[1] != ws[0].shape[1] for w in ws):
+        return None
+    has_bias = [m.bias is not None for m in linears]
+    if any(has_bias) and not all(has_bias):
+        return None
+    packed = _pack(torch.cat([w.detach() for w in ws]), batch)
+    if packed is None:
+        return None
+    bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
+    return functools.partial(_packed_linear, packed, bias)
 
 
 class _Decoder:
@@ -291,8 +334,12 @@ class _Decoder:
             self.mask = None
         self.positions = lengths.to(self.device)  # next position of every unique row
         self.stop_ids = torch.tensor(sorted(set(stops)), dtype=torch.long, device=self.device) if stops else None
-        self.suppress = (torch.tensor(sorted(set(config.suppress_tokens)), dtype=torch.long, device=self.device)
-                         if config.suppress_tokens else None)
+        suppress = set(config.suppress_tokens or [])
+        image_id = getattr(mc, "image_token_id", None) if mc is not None else None
+        if isinstance(image_id, int) and not isinstance(image_id, bool):
+            suppress.add(image_id)  # a VLM never generates its image placeholder token
+        self.suppress = (torch.tensor(sorted(suppress), dtype=torch.long, device=self.device)
+                         if suppress else None)
 
         from llm_trainer.model.cache import KVCache
 
@@ -304,11 +351,44 @@ class _Decoder:
         self.t = 0  # tokens generated so far
         self.all_done = False
         self.hidden_path = True  # model supports return_hidden_states: we apply the output projection ourselves
-        self.head = functools.partial(_lm_head, model)
+        head = _inner_lm_head(model)
+        self.head = head if head is not None else functools.partial(_lm_head, model)
+        self._init_fast_path(model, T)
         if prepack and _prepack_supported() and _inner_lm_head(model) is None and hasattr(model, "lm_head_weight"):
             packed = _pack(model.lm_head_weight(), self.N)  # tied embeddings: no module to patch
             if packed is not None:
                 self.head = functools.partial(_packed_linear, packed, None)
+
+    def _init_fast_path(self, model: nn.Module, T: int) -> None:
+        """Decode steps of a plain `LlmModel` go through `LlmModel.decode_step`: RoPE cos/sin looked up in a table
+        built once, the key-padding mask built once (views of it per step), no per-step id/mask checks (the prompt
+        was checked by the prefill forward; generated ids come from the output projection)."""
+        from llm_trainer.model.layers import rope_cos_sin
+        from llm_trainer.model.llm import LlmModel
+
+        self.fast = isinstance(model, LlmModel) and type(model).forward is LlmModel.forward \
+            and hasattr(model, "decode_step")
+        self.rope_table = None
+        self.step_mask = None
+        if not self.fast:
+            return
+        mc = model.config
+        self.rope_dtype = model.get_input_embeddings().weight.dtype
+        if mc.rope_scaling is None or mc.rope_scaling.rope_type != "dynamic":  # dynamic NTK depends on the length
+            positions = torch.arange(self.P + T, device=self.device)[None]
+            self.rope_table = rope_cos_sin(mc, positions, self.rope_dtype)  # [1, P+T, head_dim] each
+
+    def _step_rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for the token fed at step t (position prompt_len + t - 1 of each row)."""
+        if self.rope_table is not None and self.mask is None:  # no padding: every row is at position P + t - 1
+            p = self.P + t - 1
+            return self.rope_table[0][:, p:p + 1], self.rope_table[1][:, p:p + 1]
+        pos = (self.positions + (t - 1))[:, None]
+        if self.rope_table is not None:
+            return self.rope_table[0][0][pos], self.rope_table[1][0][pos]
+        from llm_trainer.model.layers import rope_cos_sin
+
+        return rope_cos_sin(self.model.config, pos, self.rope_dtype)
 
     # ---------------------------------------------------------------------------------------------------
     def _next(self, logits: torch.Tensor) -> torch.Tensor:
@@ -373,6 +453,15 @@ class _Decoder:
 
     def step(self, last: torch.Tensor) -> torch.Tensor:
         t = self.t  # tokens already generated; `last` is token t-1, at position prompt_len + t - 1
+        if self.fast and self.hidden_path:
+            attn_mask = None
+            if self.mask is not None:  # one new query per row: it may see every real key (its own included)
+                if self.step_mask is None:
+                    self.step_mask = self.mask.bool()[:, None, None, :]
+                attn_mask = self.step_mask[..., :self.P + t]
+            cos, sin = self._step_rope(t)
+            h = self.model.decode_step(last[:, None], self.cache, cos, sin, attn_mask)
+            return self._next(self.head(h[:, -1]))
         pos = (self.positions + (t - 1))[:, None]
         mask = self.mask[:, :self.P + t] if self.mask is not None else None
         if self.hidden_path:
@@ -444,7 +533,9 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Generat
     ``eos_token_ids`` None → ``model.config.eos_token_id``; pass ``[]`` to ignore EOS. ``pad_token_id`` None →
     ``model.config.pad_token_id``, else the first stop id, else 0. ``generator`` (on the model's device) seeds
     sampling. ``pixel_values`` (and any extra ``model_kwargs`` such as ``image_counts``) go to the prefill forward
-    only. The model runs in eval mode under ``torch.inference_mode``; its training flags are restored after.
+    only; prompts carry the *expanded* image tokens, one image per ``tokens_per_image`` run, images in row order
+    (one per distinct prompt with ``group_size > 1``). A model whose config has an ``image_token_id`` (a VLM)
+    never generates that token (it is always suppressed). The model runs in eval mode under ``torch.inference_mode``; its training flags are restored after.
     """
     config = config if config is not None else GenerateConfig()
     n_rows = len(prompts) * group_size if isinstance(prompts, Sequence) and isinstance(group_size, int) else 1

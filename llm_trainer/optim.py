@@ -1,7 +1,8 @@
 """Optimizers: weight-decay parameter groups, Lion, and `build_optimizer` from an `OptimConfig`.
 
 Weight-decay policy (`build_param_groups`): only trainable parameters are included. A parameter is decayed when
-it has ≥ 2 dimensions (linear/conv weights, the untied LM head) and is not the weight of an ``nn.Embedding``
+its full shape has ≥ 2 dimensions (linear/conv weights, the untied LM head; under ZeRO-3 the full shape is
+``ds_shape``, the local tensor being a 1-D partition) and is not the weight of an ``nn.Embedding``
 (unless ``decay_embeddings=True``). Biases, norm scales and other 1-D/0-D tensors are never decayed. A tied
 LM head shares the embedding Parameter and so follows the embedding rule. Embeddings are excluded by default
 because decay pulls rare tokens' rows towards zero regardless of use (as in LLaMA-style recipes); set
@@ -15,6 +16,12 @@ import torch
 from torch import nn
 
 __all__ = ["Lion", "build_param_groups", "build_optimizer"]
+
+
+def _full_ndim(p: torch.Tensor) -> int:
+    """Dimensions of the parameter's full shape: a ZeRO-3-partitioned parameter is a 1-D (often empty) local
+    shard whose real shape is ``ds_shape``; deciding decay by ``p.ndim`` would exclude every matrix under ZeRO-3."""
+    return len(getattr(p, "ds_shape", p.shape))
 
 
 def build_param_groups(model: nn.Module | Iterable, weight_decay: float,
@@ -44,7 +51,7 @@ def build_param_groups(model: nn.Module | Iterable, weight_decay: float,
     for name, p in named:
         if not p.requires_grad:
             continue
-        target = decay if (p.ndim >= 2 and id(p) not in embedding_ids) else no_decay
+        target = decay if (_full_ndim(p) >= 2 and id(p) not in embedding_ids) else no_decay
         target[0].append(p)
         target[1].append(name)
     groups = []

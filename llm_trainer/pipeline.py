@@ -74,60 +74,129 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+PATH_FIELDS = ("tokenizer", "init_weights_path")
+PATH_LIST_FIELDS = ("file_dataset", "eval_file_dataset")
+
+
+def _resolve(value: Any, root: Path) -> Any:
+    """A relative path string → ``root / value`` (absolute paths and non-strings are kept)."""
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str(root / value)
+    return str(Path(value).expanduser()) if isinstance(value, str) and value else value
+
+
+def _resolve_paths(train: dict[str, Any], root: Path) -> None:
+    """Relative data/tokenizer/weights paths in the pipeline file are relative to the file's folder (as
+    ``output_dir`` is), so ``llm-trainer run dir/pipeline.toml`` works from any working directory."""
+    for key in PATH_FIELDS:
+        if key in train:
+            train[key] = _resolve(train[key], root)
+    for key in PATH_LIST_FIELDS:
+        value = train.get(key)
+        if isinstance(value, str):
+            train[key] = _resolve(value, root)
+        elif isinstance(value, list):
+            train[key] = [_resolve(v, root) for v in value]
+
+
 def plan(pipeline: dict[str, Any], root: Path) -> list[dict[str, Any]]:
-    """Validate the pipeline and return one entry per stage: name, type, trainer kwargs, output folder."""
+    """Validate the pipeline and return one entry per stage: name, type, trainer kwargs, output folder.
+
+    Relative paths (``output_dir``, ``tokenizer``, ``init_weights_path``, ``file_dataset``, ``eval_file_dataset``)
+    are taken relative to ``root`` (the pipeline file's folder). A stage starts from the previous stage's export,
+    or from its own ``train.init_weights_path`` when it sets one (the first stage: the top-level one)."""
     stages = pipeline.get("stages")
-    if not isinstance(stages, list) or not stages:
+    if not isinstance(stages, list) or not stages or not all(isinstance(st, dict) for st in stages):
         raise PipelineError("pipeline: needs at least one [[stages]] table")
-    out_root = root / pipeline.get("output_dir", "runs/pipeline")
+    out_root = Path(_resolve(str(pipeline.get("output_dir", "runs/pipeline")), root))
     names: set[str] = set()
     planned = []
-    previous_final: str | None = pipeline.get("init_weights_path")
+    previous_final: str | None = _resolve(pipeline.get("init_weights_path"), root)
+    previous_name: str | None = None
     for i, st in enumerate(stages):
-        where = f"stages[{i}]"
         kind = st.get("type")
+        name = st.get("name", kind)
+        where = f"stages[{i}] ({name!r})" if name is not None else f"stages[{i}]"
         if kind not in STAGES:
             raise PipelineError(f"{where}.type: {kind!r} is not one of {sorted(STAGES)}")
-        name = st.get("name", kind)
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise PipelineError(f"{where}.name: {name!r} must be a plain folder name")
         if name in names:
             raise PipelineError(f"{where}.name: {name!r} is used twice; stage names must be unique")
         names.add(name)
+        unknown = sorted(set(st) - {"name", "type", "train", "config", "eval_prompts", "reward"})
+        if unknown:
+            raise PipelineError(f"{where}: unknown key(s) {unknown}; a stage has name, type, train, config, "
+                                f"eval_prompts and (RL) reward")
         trainer_cls, field_name, stage_cls = STAGES[kind]
-        train = _merge(pipeline.get("train", {}), st.get("train", {}))
+        stage_train = dict(st.get("train", {}))
+        if "output_dir" in stage_train:
+            raise PipelineError(f"{where}.train.output_dir: set by the pipeline (output_dir/<stage name>)")
+        train = _merge(pipeline.get("train", {}), stage_train)
         if "model" in pipeline:
             train.setdefault("model_config", pipeline["model"])
         if "tokenizer" in pipeline:
             train.setdefault("tokenizer", pipeline["tokenizer"])
+        _resolve_paths(train, root)
         stage_dir = out_root / name
         train["output_dir"] = str(stage_dir)
         train.setdefault("resume_from", "auto")
-        if previous_final is not None:
+        after = None
+        if "init_weights_path" not in stage_train and previous_final is not None:
             train["init_weights_path"] = previous_final
+            after = previous_name
         train[field_name] = st.get("config", {})
         try:
             cfg = TrainConfig.from_dict(train)
         except (TypeError, ValueError) as e:
-            raise PipelineError(f"{where} ({name}): {e}") from e
-        if not isinstance(getattr(cfg, field_name), stage_cls):
+            raise PipelineError(f"{where}: {e}") from e
+        if getattr(cfg, field_name) is None:
             setattr(cfg, field_name, stage_cls())
+        if not isinstance(getattr(cfg, field_name), stage_cls):
+            raise PipelineError(f"{where}.config: expected {stage_cls.__name__} fields, got "
+                                f"{type(getattr(cfg, field_name)).__name__}")
         kwargs: dict[str, Any] = {"train_config": cfg, "eval_prompts": st.get("eval_prompts", [])}
         if kind in ("grpo", "ppo"):
             if "reward" not in st:
-                raise PipelineError(f"{where} ({name}): an RL stage needs reward = 'module:function'")
+                raise PipelineError(f"{where}: an RL stage needs reward = 'module:function'")
             kwargs["reward_func"] = st["reward"]
-        planned.append({"name": name, "type": kind, "trainer": trainer_cls, "kwargs": kwargs, "dir": stage_dir})
-        previous_final = str(stage_dir / "final")
+        planned.append({"name": name, "type": kind, "trainer": trainer_cls, "kwargs": kwargs, "dir": stage_dir,
+                        "after": after})
+        previous_final, previous_name = str(stage_dir / "final"), name
     return planned
 
 
+def load_pipeline(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such pipeline file")
+    try:
+        return load_dict(path)
+    except Exception as e:  # noqa: BLE001 - TOML/JSON syntax errors, wrong suffix
+        raise PipelineError(f"{path}: cannot read the pipeline: {e}") from e
+
+
 def run_pipeline(path: str | Path, only: list[str] | None = None) -> list[Path]:
-    """Run (or resume) every stage of the pipeline file; returns the exported model folder of each stage."""
+    """Run (or resume) every stage of the pipeline file; returns the exported model folder of each stage.
+
+    Everything is validated first (configs, RL reward imports, ``only`` names), so a bad file fails before any
+    stage trains."""
     path = Path(path).resolve()
-    pipeline = load_dict(path)
-    sys.path.insert(0, str(path.parent))
+    pipeline = load_pipeline(path)
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     import llm_trainer
+    stages = plan(pipeline, path.parent)
+    if only:
+        unknown = sorted(set(only) - {st["name"] for st in stages})
+        if unknown:
+            raise PipelineError(f"--only: no stage named {unknown}; stages are {[st['name'] for st in stages]}")
+    for stage in stages:
+        if isinstance(stage["kwargs"].get("reward_func"), str):
+            stage["kwargs"]["reward_func"] = import_callable(stage["kwargs"]["reward_func"],
+                                                             f"stage {stage['name']!r}.reward")
     finals = []
-    for stage in plan(pipeline, path.parent):
+    for stage in stages:
         final = stage["dir"] / "final"
         finals.append(final)
         if only and stage["name"] not in only:
@@ -135,11 +204,12 @@ def run_pipeline(path: str | Path, only: list[str] | None = None) -> list[Path]:
         if (final / DONE_MARKER).is_file():
             print(f"[pipeline] {stage['name']}: done already ({final}), skipping", flush=True)
             continue
+        init = stage["kwargs"]["train_config"].init_weights_path
+        if stage["after"] is not None and not (Path(init) / DONE_MARKER).is_file():
+            raise PipelineError(f"stage {stage['name']!r} starts from stage {stage['after']!r}, which has not "
+                                f"finished ({init} has no {DONE_MARKER}); run it first")
         print(f"[pipeline] {stage['name']}: {stage['type']} → {stage['dir']}", flush=True)
-        kwargs = dict(stage["kwargs"])
-        if isinstance(kwargs.get("reward_func"), str):
-            kwargs["reward_func"] = import_callable(kwargs["reward_func"], f"stage {stage['name']}.reward")
-        trainer = getattr(llm_trainer, stage["trainer"])(**kwargs)
+        trainer = getattr(llm_trainer, stage["trainer"])(**dict(stage["kwargs"]))
         trainer.train()
         if trainer.backend.is_main:
             (final / DONE_MARKER).write_text("ok\n")

@@ -77,3 +77,23 @@ def test_shuffle_is_well_mixed():
     assert positions.min() < 100 and positions.max() > 900 and 350 < positions.mean() < 650
     p = feistel_permutation(np.arange(n), n, 0, 0)
     assert abs(np.corrcoef(np.arange(n), p)[0, 1]) < 0.1
+
+
+@pytest.mark.parametrize("n,world,batch", [(103, 2, 3), (64, 4, 2)])
+def test_world_size_does_not_change_the_global_batches(n, world, batch):
+    """Micro-batch j of W ranks × batch B (what the trainer's DataLoader takes from each rank's sampler) holds the
+    same samples as micro-batch j of one process × batch W·B, resumed mid-epoch too: the trainer's multi-rank and
+    single-process runs see the same global batches, and steps per epoch agree with drop_last."""
+    for start in (0, 2):
+        ranks = [ShardedSampler(n, r, world, seed=5, drop_last=True) for r in range(world)]
+        single = ShardedSampler(n, 0, 1, seed=5, drop_last=True)
+        for s in ranks:
+            s.set_epoch(1, start=start * batch)
+        single.set_epoch(1, start=start * batch * world)
+        per_rank = [list(s) for s in ranks]
+        one = list(single)
+        steps = len(per_rank[0]) // batch
+        assert steps == len(one) // (world * batch)
+        for j in range(steps):
+            got = sorted(i for shard in per_rank for i in shard[j * batch:(j + 1) * batch])
+            assert got == sorted(one[j * world * batch:(j + 1) * world * batch]), j

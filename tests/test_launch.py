@@ -58,13 +58,26 @@ def test_torchrun_branch_passes_args_and_worker_exit_code():
     lines = argv_lines(p.stdout)
     assert sorted(x["rank"] for x in lines) == ["0", "1"] and {x["world_size"] for x in lines} == {"2"}
     assert all(x["argv"] == TRICKY + ["3"] for x in lines)
+    assert {x["backend"] for x in lines} == {None}   # smart_train leaves the backend to the script's ds_config
 
 
 @pytest.mark.distributed
 def test_ddp_train_success():
     p = run_launcher("ddp_train", "--nproc", "2", EXIT, "0")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert len(argv_lines(p.stdout)) == 2
+    lines = argv_lines(p.stdout)
+    assert len(lines) == 2 and {x["backend"] for x in lines} == {"ddp"}   # DDP even with a default ds_config
+
+
+def test_launcher_backend_choice_reaches_get_backend(monkeypatch):
+    from llm_trainer.parallel import DsConfig, SingleBackend, get_backend
+    from llm_trainer.parallel.env import DistEnv
+    monkeypatch.setenv("LLM_TRAINER_BACKEND", "single")
+    env = DistEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, master_addr="127.0.0.1", master_port=1)
+    assert isinstance(get_backend(DsConfig(), "fp32", env=env), SingleBackend)
+    monkeypatch.setenv("LLM_TRAINER_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        get_backend(DsConfig(), "fp32", env=env)
 
 
 def test_bad_launcher_option_is_a_usage_error():

@@ -33,6 +33,21 @@ def test_param_groups_policy():
     assert with_emb["decay"] == ["embed.weight", "head.weight", "proj.weight"]
 
 
+def test_param_groups_use_full_shape_of_zero3_partitioned_params():
+    """ZeRO-3 replaces every parameter's data by an empty 1-D partition and keeps the real shape in ``ds_shape``
+    (as ``deepspeed.zero.Init`` does); the decay decision must follow the full shape, not the local tensor."""
+    m = Tiny(tie=False)
+    for p in m.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    assert all(p.ndim == 1 for p in m.parameters())
+    groups = _names(build_param_groups(m, 0.1))
+    assert groups["decay"] == ["head.weight", "proj.weight"]
+    assert groups["no_decay"] == ["embed.weight", "norm.bias", "norm.weight", "proj.bias"]
+    plain = _names(build_param_groups(list(m.parameters()), 0.1))   # the iterable form too
+    assert len(plain["decay"]) == 3                                  # embed, proj, head weights
+
+
 def test_param_groups_weight_decay_values_and_no_frozen():
     m = Tiny()
     groups = build_param_groups(m, 0.3)

@@ -156,3 +156,17 @@ def test_disable_stochasticity_makes_train_forward_equal_eval():
     disable_stochasticity(m)
     assert torch.equal(completion_logps(m, b)["logp"], ref)
     assert m.training
+
+
+def test_reward_model_of_the_reward_trainer_is_a_reward_source():
+    """A `RewardModel` (an nn.Module, so callable) is scored through ``.score``, not called like a function."""
+    from llm_trainer.trainers.reward import RewardModel
+    torch.manual_seed(0)
+    rm = RewardModel(model_config(), head_init_std=0.5).eval()
+    rs = RewardSet([rm, lambda completion_ids: [1.0] * len(completion_ids)], weights=[2.0, 1.0])
+    r = _rollout([[3, 4], [5], [6, 7, 8]])
+    out = rs(r)
+    expect = rm.score(r.prompt_ids, r.completion_ids)
+    assert expect.abs().max() > 0 and not torch.equal(expect[0], expect[1])
+    torch.testing.assert_close(out.scores, 2.0 * expect + 1.0)
+    torch.testing.assert_close(out.per_function["RewardModel"], expect)

@@ -134,3 +134,12 @@ def test_export_loads_in_llm_trainer_and_transformers(tmp_path):
     ids = torch.randint(1, 90, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default")
+def test_default_config_trains_in_fp32_on_cpu(tmp_path):
+    # the default ds_config asks for bf16, which on a CPU is many times slower and imprecise: 'auto' means fp32 here
+    from llm_trainer.configs import TrainConfig
+    from llm_trainer.trainers.setup import build_backend
+    backend = build_backend(TrainConfig(output_dir=str(tmp_path)))
+    assert backend.dtype == "fp32" and backend.world_size == 1

@@ -4,7 +4,9 @@
 
 Launcher options come BEFORE the script; everything after the script is handed to it untouched. The launcher
 replaces itself with the chosen command (``os.execv``), so the training script's exit status is the launcher's
-exit status and signals reach it directly. Nothing is configured through environment variables.
+exit status and signals reach it directly. ``ds_train`` and ``ddp_train`` also set ``LLM_TRAINER_BACKEND``
+(``deepspeed`` / ``ddp``) so the trainers use the backend the user launched with, whatever ``ds_config`` says;
+``smart_train`` leaves the choice to the script (DeepSpeed when ``TrainConfig.ds_config`` is set).
 
 ``smart_train`` picks:
   1. the DeepSpeed launcher when DeepSpeed imports and accelerators exist (``torch.cuda.is_available()``), or a
@@ -178,8 +180,14 @@ def _exec(cmd: list[str], dry_run: bool) -> NoReturn:
     os.execv(cmd[0], cmd)  # cmd[0] is an absolute interpreter path; exec never returns on success
 
 
+BACKEND_ENV = "LLM_TRAINER_BACKEND"
+_FORCED_BACKEND = {"deepspeed": "deepspeed", "torchrun": "ddp"}
+
+
 def _main(kind: str, prog: str, description: str, argv: Sequence[str] | None) -> NoReturn:
     opts = parse_launch_args(sys.argv[1:] if argv is None else argv, prog, description)
+    if kind in _FORCED_BACKEND and not opts.dry_run:
+        os.environ[BACKEND_ENV] = _FORCED_BACKEND[kind]   # inherited through exec by every worker
     _exec(build_command(kind, opts), opts.dry_run)
 
 

@@ -1,8 +1,10 @@
-"""The model layer: config, LlmModel, KV cache, HF-format IO."""
+"""The model layer: config, LlmModel, VlmModel (+ vision encoder), KV cache, HF-format IO."""
 from .cache import KVCache
 from .config import ModelConfig, MoEConfig, RoPEScalingConfig, swiglu_intermediate_size
 from .hf import load_hf_state_dict
 from .llm import LlmModel, ModelOutput
+from .vision import VisionConfig, VisionEncoder
+from .vlm import VLMConfig, VlmModel
 
 __all__ = [
     "KVCache",
@@ -11,6 +13,10 @@ __all__ = [
     "ModelOutput",
     "MoEConfig",
     "RoPEScalingConfig",
+    "VLMConfig",
+    "VisionConfig",
+    "VisionEncoder",
+    "VlmModel",
     "load_hf_state_dict",
     "swiglu_intermediate_size",
 ]

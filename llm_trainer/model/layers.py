@@ -133,8 +133,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[B, heads, S, D]` by cos/sin `[B, S, D]`."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """Rotate `x` `[B, heads, S, D]` by cos/sin `[B, S, D]` (or already `[B, 1, S, D]`)."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + _rotate_half(x) * sin
 
 
@@ -148,7 +149,15 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, init_std=init_std)
         self.down_proj = Linear(intermediate_size, hidden_size, init_std=init_std)
 
+        #: Inference hook set by `llm_trainer.generation` for the duration of one `generate` call (None otherwise):
+        #: a callable x -> concatenated [gate | up] projections, computed by one fused matmul.
+        self.fused_gate_up = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.fused_gate_up
+        if fused is not None:
+            gate, up = fused(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -171,6 +180,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        #: Inference hook set by `llm_trainer.generation` for the duration of one `generate` call (None otherwise):
+        #: a callable x -> concatenated [q | k | v] projections (biases included), computed by one fused matmul.
+        self.fused_qkv = None
 
     def forward(
         self,
@@ -183,13 +195,22 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`attn_mask` is boolean `[B, 1, S, K]` (True = attend) or None; `is_causal` is used only without a mask."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.fused_qkv is not None and self.q_norm is None:
+            qkv = self.fused_qkv(x).view(B, S, H + 2 * KV, D).transpose(1, 2)
+            qk = apply_rope(qkv[:, :H + KV], cos, sin)  # q and k heads rotated together (elementwise: same values)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
+        else:
+            if self.fused_qkv is not None:
+                q, k, v = self.fused_qkv(x).split([H * D, KV * D, KV * D], dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k = q.view(B, S, H, D), k.view(B, S, KV, D)
+            v = v.view(B, S, KV, D).transpose(1, 2)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rope(q.transpose(1, 2), cos, sin)
+            k = apply_rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         kwargs = {}

@@ -254,6 +254,38 @@ class LlmModel(nn.Module):
         return ModelOutput(logits=logits, hidden_states=h, aux_loss=weighted, moe_metrics=metrics,
                            past_key_values=cache)
 
+    @torch.no_grad()
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One incremental decoding step for `llm_trainer.generation` (eval mode, no autograd): the final hidden
+        states `[B, S, H]` (normed, before the output projection) of `input_ids` `[B, S]` appended to `cache`.
+
+        The caller has already resolved what `forward` would: `cos`/`sin` (`[B|1, S, head_dim]`) for the new
+        positions, and `attn_mask` — boolean `[B, 1, S, past+S]` (True = attend), or None when every query may see
+        every cached key (one new token over an unpadded cache). The ids are trusted (no vocabulary range check:
+        they come from the model's own output projection). Same numerics as `forward`; MoE layers route without
+        a token mask (at inference, outputs do not depend on it).
+        """
+        if self.training:
+            raise RuntimeError("decode_step is for inference; call model.eval() first")
+        h = self.model.embed_tokens(input_ids)
+        S = input_ids.shape[1]
+        past = cache.get_seq_length()
+        is_causal = attn_mask is None and past == 0 and S > 1
+        if attn_mask is None and past and S > 1:
+            attn_mask = build_attention_mask(S, past, None, None, h.device)
+        for layer in self.model.layers:
+            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attn_mask, is_causal, cache)
+            x = layer.post_attention_layernorm(h)
+            h = h + (layer.mlp(x)[0] if layer.is_moe else layer.mlp(x))
+        return self.model.norm(h)
+
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         V = self.config.vocab_size
         bad = (input_ids >= V) | (input_ids < 0)

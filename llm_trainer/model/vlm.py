@@ -100,6 +100,15 @@ class VLMConfig(ModelConfig):
                 **self.vlm_fields()}
 
     @classmethod
+    def from_pretrained_dir(cls, path: str | os.PathLike) -> "VLMConfig":
+        """The config of a saved `VlmModel` folder (its ``config.json``)."""
+        cfg_file = os.path.join(os.fspath(path), "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"no config.json in VLM folder {os.fspath(path)!r}")
+        with open(cfg_file) as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VLMConfig":
         if d.get("model_type") != VLM_MODEL_TYPE:
             raise ValueError(f"not a VLM config: model_type={d.get('model_type')!r} (expected {VLM_MODEL_TYPE!r})")
@@ -349,17 +358,12 @@ class VlmModel(nn.Module):
         os.replace(tmp, os.path.join(path, "config.json"))
         save_model(self, os.path.join(path, "model.safetensors"))
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "VlmModel":
+    def load_pretrained_weights(self, path: str | os.PathLike) -> None:
+        """Load ``model.safetensors`` of a saved VLM folder into this model, strictly (shapes and names)."""
         from safetensors.torch import load_file
 
         path = os.fspath(path)
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"no config.json in VLM folder {path!r}")
-        with open(cfg_file) as f:
-            config = VLMConfig.from_dict(json.load(f))
-        model = cls(config)
+        model = self
         weights = os.path.join(path, "model.safetensors")
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"no model.safetensors in VLM folder {path!r}")
@@ -382,6 +386,11 @@ class VlmModel(nn.Module):
                 src = next(state[n] for n in names if n in state)
                 for n in names:
                     own[n].copy_(src.to(own[n].dtype))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "VlmModel":
+        model = cls(VLMConfig.from_pretrained_dir(path))
+        model.load_pretrained_weights(path)
         if dtype is not None:
             model.to(dtype)
         return model

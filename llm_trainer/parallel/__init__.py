@@ -1,6 +1,7 @@
 """Execution backends behind one interface: single process, torch DDP, DeepSpeed (see base.Backend)."""
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Literal
 
@@ -51,6 +52,8 @@ def get_backend(ds_config: DsConfig | None = None, dtype: str | torch.dtype | No
     launcher variables (``parallel.env.read_env``).
     """
     env = env or read_env()
+    if kind == "auto":   # ds_train / ddp_train say which backend the user launched with
+        kind = os.environ.get("LLM_TRAINER_BACKEND", "auto") or "auto"
     if kind not in ("auto", "single", "ddp", "deepspeed"):
         raise ValueError(f"kind must be 'auto', 'single', 'ddp' or 'deepspeed', got {kind!r}")
     if kind == "deepspeed" or (kind == "auto" and ds_config is not None and env.world_size > 1

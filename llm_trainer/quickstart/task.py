@@ -51,8 +51,8 @@ def pretrain_lines(problems: list[Problem], rng: random.Random, repeats: int) ->
 
 
 def wrong_answer(p: Problem, rng: random.Random) -> int:
-    delta = rng.choice([-10, -2, -1, 1, 2, 10, 11])
-    return max(0, p.answer + delta) if p.answer + delta != p.answer else p.answer + 1
+    """A plausible wrong sum (off by one, two, ten or eleven), never negative and never the right one."""
+    return rng.choice([p.answer + d for d in (-10, -2, -1, 1, 2, 10, 11) if p.answer + d >= 0])
 
 
 def write_jsonl(path: Path, records) -> int:

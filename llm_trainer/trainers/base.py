@@ -72,7 +72,7 @@ class BaseTrainer:
     loss_unit: str = "tokens"
 
     def __init__(self, *, train_config: TrainConfig, eval_prompts: list[str] | None = None,
-                 generation_service: Any = None, eval_image_tags: list[str] | None = None) -> None:
+                 generation_service: Any = None, eval_image_tags: list[Any] | None = None) -> None:
         self.config = cfg = train_config
         self.eval_prompts = list(eval_prompts or [])
         self.eval_image_tags = eval_image_tags
@@ -387,10 +387,12 @@ class BaseTrainer:
         if self.tokenizer is None:
             return []
         from ..generation import generate
-        prompts = [self.format_eval_prompt(p) for p in self.eval_prompts]
+        from .images import eval_generation_inputs
+        prompts, image_kwargs = eval_generation_inputs(self)   # VLM: expanded image tokens + pixel_values
         with self.backend.gathered_for_generation(self.model) as model:
             result = generate(model, prompts, self.config.eval_config,
-                              eos_token_ids=self.stop_token_ids(), pad_token_id=self.pad_token_id())
+                              eos_token_ids=self.stop_token_ids(), pad_token_id=self.pad_token_id(),
+                              **{k: v.to(self.device) for k, v in image_kwargs.items()})
         samples = [{"prompt": p, "completion": self.tokenizer.decode(c)}
                    for p, c in zip(self.eval_prompts, result.completions)]
         if self.backend.is_main:

@@ -46,6 +46,7 @@ from ..configs import DPOConfig
 from ..data.collate import IGNORE_INDEX, DPOCollate
 from ..data.formats import DataError
 from ..losses import chunked_token_logps, preference_loss, token_logps
+from .images import attach_pixel_values, expand_items, pixel_provider
 from .base import BaseTrainer, LossOutput
 from .lm import model_inputs
 from .setup import build_model, frozen_copy, resolve_model_config
@@ -274,7 +275,11 @@ class DPOTrainer(BaseTrainer):
     def collate(self, items: list[dict]) -> dict:
         if not hasattr(self, "_collate"):
             self._collate = PairCollate(self.pad_token_id())
-        return self._collate(items)
+        # VLM: expand image placeholders (labels -100); one pair's images serve its chosen and rejected rows
+        items = expand_items(items, self.model_config, [("chosen_input_ids", "chosen_labels"),
+                                                        ("rejected_input_ids", "rejected_labels")])
+        batch = self._collate(items)
+        return attach_pixel_values(batch, batch.get("images"), pixel_provider(self), self.model_config)
 
     def count_units(self, batch: dict[str, Any]) -> int:
         return int(batch["index"].numel())

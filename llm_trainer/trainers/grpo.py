@@ -141,6 +141,10 @@ class GRPOTrainer(RLTrainer):
         if dummy:
             mask.zero_()
         b["advantages"] = adv[idx].float()
+        images = [rollout.pixel_values[i] for i in idx] if rollout.pixel_values else []
+        if any(p is not None and p.numel() for p in images):                    # VLM: the rows' prompt images
+            b["pixel_values"] = torch.cat([p for p in images if p is not None and p.numel()])
+            b["image_counts"] = torch.tensor([0 if p is None else p.shape[0] for p in images], dtype=torch.long)
         rows = (mask.sum(-1) > 0)
         unit = self.loss_unit
         if unit == "tokens":

@@ -15,7 +15,7 @@ Old log-probs (importance ratio)
     same autocast. Train-mode randomness (dropout, MoE router jitter) is switched off on RL policies
     (:func:`disable_stochasticity`), so at the first inner step the ratio is exactly 1 (bit for bit on CPU; tested).
     Incremental KV-cache decoding differs from a full forward pass in the last bits, which is why the generation
-    log-probs are only logged (``rollout/gen_logprob_diff``) unless ``old_logprobs="generation"``.
+    log-probs are only logged (``gen_logprob_diff``) unless ``old_logprobs="generation"``.
 
 Rewards
     A *reward function* (:class:`RewardFun`) is called with keyword arguments and returns one number per completion
@@ -88,6 +88,7 @@ class Rollout:
     answer_text: list[str | None] = field(default_factory=list)
     prompt_text: list[str] = field(default_factory=list)
     completion_text: list[str] = field(default_factory=list)
+    pixel_values: list[torch.Tensor | None] = field(default_factory=list)   # VLM: each sample's prompt images
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -98,7 +99,8 @@ class Rollout:
                        finished=pick(self.finished), group=pick(self.group),
                        gen_logprobs=pick(self.gen_logprobs) if self.gen_logprobs is not None else None,
                        answer_ids=pick(self.answer_ids), answer_text=pick(self.answer_text),
-                       prompt_text=pick(self.prompt_text), completion_text=pick(self.completion_text))
+                       prompt_text=pick(self.prompt_text), completion_text=pick(self.completion_text),
+                       pixel_values=pick(self.pixel_values))
 
     @staticmethod
     def concat(parts: Sequence["Rollout"]) -> "Rollout":
@@ -116,6 +118,7 @@ class Rollout:
             out.answer_text += p.answer_text
             out.prompt_text += p.prompt_text
             out.completion_text += p.completion_text
+            out.pixel_values += p.pixel_values
         return out
 
 
@@ -147,16 +150,18 @@ class RolloutEngine:
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: list[list[int]], generator: torch.Generator | None = None,
-                 gather: bool = True) -> GenerationResult:
+                 gather: bool = True, pixel_values: list[torch.Tensor | None] | None = None) -> GenerationResult:
         """Completions for ``prompts`` (prompt-major, ``group_size`` each). Collective under ZeRO-3 unless
-        ``gather=False`` (``model`` is then already a plain module with full weights)."""
+        ``gather=False`` (``model`` is then already a plain module with full weights). ``pixel_values[i]``: the
+        images ``[n_i, 3, H, W]`` (or None) of prompt ``i`` (VLM)."""
         comps: list[list[int]] = []
         lps: list[torch.Tensor] | None = []
         fins: list[bool] = []
         ctx = self.backend.gathered_for_generation(model) if gather else contextlib.nullcontext(model)
         with ctx as plain:
             for s, e in self._prompt_chunks(len(prompts)):
-                res = self._generate_chunk(plain, prompts[s:e], generator)
+                res = self._generate_chunk(plain, prompts[s:e], generator,
+                                           pixel_values[s:e] if pixel_values is not None else None)
                 comps += res.completions
                 fins += res.finished
                 if lps is not None and res.logprobs is not None:
@@ -165,12 +170,16 @@ class RolloutEngine:
                     lps = None
         return GenerationResult(comps, lps, fins)
 
-    def _generate_chunk(self, model, prompts, generator) -> GenerationResult:
+    def _generate_chunk(self, model, prompts, generator, pixel_values=None) -> GenerationResult:
         n = len(prompts) * self.group_size
+        images = [p for p in (pixel_values or []) if p is not None and p.numel()]
+        if images and self.service is not None:
+            raise NotImplementedError("a generation_service cannot be used with image prompts (VLM) yet")
         if self.service is None:
+            kw = {"pixel_values": torch.cat(images).to(_device_of(model))} if images else {}
             out = generate(model, prompts, self.config, eos_token_ids=self.eos_token_ids,
                            pad_token_id=self.pad_token_id, group_size=self.group_size, return_logprobs=True,
-                           generator=generator)
+                           generator=generator, **kw)
             return GenerationResult(out.completions, out.logprobs, out.finished)
         name = getattr(self.service, "__name__", type(self.service).__name__)
         raw = self.service(model, prompts, self.config, self.group_size)
@@ -285,8 +294,8 @@ class RewardSet:
         self.funcs: list[Callable] = []
         self.names: list[str] = []
         for f in items:
-            if not callable(f) and callable(getattr(f, "score", None)):
-                f = RewardModelSource(f)
+            if callable(getattr(f, "score", None)) and (not callable(f) or isinstance(f, nn.Module)):
+                f = RewardModelSource(f)          # a reward model (e.g. llm_trainer.RewardModel, an nn.Module)
             elif not callable(f):
                 raise TypeError(f"reward_func entries must be callables or reward models, got {type(f).__name__}")
             name = _fn_name(f)
@@ -406,6 +415,11 @@ def build_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequ
     return {"input_ids": ids, "attention_mask": mask, "completion_mask": cmask, "prompt_len": P}
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _output_projection(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """Logits of hidden states through the module when there is one (LoRA, ZeRO-3 hooks), else the tied weight."""
     head = getattr(model, "lm_head", None)
@@ -427,6 +441,9 @@ def completion_logps(model: nn.Module, batch: dict[str, Any], temperature: float
     plain = plain if plain is not None else getattr(model, "module", model)
     P = int(batch["prompt_len"])
     kw = {"return_values": True} if with_values else {}
+    for key in ("pixel_values", "image_counts"):                              # VLM prompts
+        if batch.get(key) is not None:
+            kw[key] = batch[key]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden_states=True, **kw)
     hidden = out.hidden_states
     h = hidden[:, P - 1:-1]                                                  # positions predicting the completion
@@ -498,6 +515,7 @@ def finite_or_zero(x: float) -> float:
 
 # ------------------------------------------------------------------------------------------ shared RL trainer
 from .base import BaseTrainer, LossOutput  # noqa: E402
+from .images import expand_items, is_vlm, load_images, pixel_provider  # noqa: E402
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -590,9 +608,16 @@ class RLTrainer(BaseTrainer):
             if x is None:
                 return None
             return x.reshape(-1).tolist() if isinstance(x, torch.Tensor) else [int(t) for t in x]
-        return {"prompt_ids": [ids(it["prompt_ids"]) for it in items],
-                "answer_ids": [ids(it.get("answer_ids")) for it in items],
-                "answer_text": [it.get("answer_text") for it in items]}
+        out = {"prompt_ids": [ids(it["prompt_ids"]) for it in items],
+               "answer_ids": [ids(it.get("answer_ids")) for it in items],
+               "answer_text": [it.get("answer_text") for it in items]}
+        if is_vlm(self.model_config):      # VLM: expanded image tokens, each prompt's pixel values
+            out["prompt_ids"] = [ids(it["prompt_ids"]) for it in expand_items(items, self.model_config,
+                                                                              [("prompt_ids", None)])]
+            provider = pixel_provider(self)
+            out["pixel_values"] = [load_images(provider, self.model_config, it["images"]) if it.get("images")
+                                   else None for it in items]
+        return out
 
     def count_units(self, batch: dict[str, Any]) -> int:
         return int(batch["units"])
@@ -684,7 +709,7 @@ class RLTrainer(BaseTrainer):
         gen = self.rollout_generator()
         with self.timer("generate"):
             model = self.model
-            res = self._generate(model, prompts, gen)
+            res = self._generate(model, prompts, gen, prompt_batch.get("pixel_values"))
         rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731
         answers = prompt_batch.get("answer_ids") or [None] * len(prompts)
         texts = prompt_batch.get("answer_text") or [None] * len(prompts)
@@ -692,15 +717,17 @@ class RLTrainer(BaseTrainer):
         rollout = Rollout(prompt_ids=rep(prompts), completion_ids=res.completions, finished=res.finished,
                           group=[i for i in range(len(prompts)) for _ in range(G)], gen_logprobs=res.logprobs,
                           answer_ids=rep(answers), answer_text=rep(texts), prompt_text=rep(ptext),
-                          completion_text=[self.decode(c) for c in res.completions])
+                          completion_text=[self.decode(c) for c in res.completions],
+                          pixel_values=rep(prompt_batch["pixel_values"]) if "pixel_values" in prompt_batch else [])
         with self.timer("reward"):
             rewards = self.rewards(rollout)
         return rollout, rewards
 
-    def _generate(self, model, prompts, generator) -> GenerationResult:
+    def _generate(self, model, prompts, generator, pixel_values=None) -> GenerationResult:
         # generate with the policy LM (PPO's trained module also holds the value model)
         with self.backend.gathered_for_generation(model) as plain:
-            return self.engine.generate(self.policy_module(plain), prompts, generator, gather=False)
+            return self.engine.generate(self.policy_module(plain), prompts, generator, gather=False,
+                                        pixel_values=pixel_values)
 
     @torch.no_grad()
     def score_micro_batches(self, batches: list[dict[str, Any]], with_values: bool = False) -> None:
@@ -844,8 +871,10 @@ class RLTrainer(BaseTrainer):
             batch = self.collate(chunk)
             with self.backend.gathered_for_generation(self.model) as plain:
                 policy = self.policy_module(plain)
+                images = [p for p in batch.get("pixel_values") or [] if p is not None and p.numel()]
+                kw = {"pixel_values": torch.cat(images).to(self.device)} if images else {}
                 out = generate(policy, batch["prompt_ids"], config, eos_token_ids=self.stop_token_ids(),
-                               pad_token_id=self.pad_token_id())
+                               pad_token_id=self.pad_token_id(), **kw)
             if not real:
                 continue
             rollout = Rollout(prompt_ids=batch["prompt_ids"], completion_ids=out.completions, finished=out.finished,

@@ -25,7 +25,7 @@ def build_backend(cfg: TrainConfig):
     from ..parallel import get_backend
     ds = cfg.ds_config
     dtype = resolve_dtype(cfg.dtype)
-    if ds is not None and cfg.dtype == "auto":
+    if ds is not None and cfg.dtype == "auto" and torch.cuda.is_available():
         dtype = None                                   # the DeepSpeed config decides (bf16/fp16 sections)
     return get_backend(ds, dtype, run_dir=cfg.output_dir)
 
@@ -41,23 +41,46 @@ def _is_hf_folder(path: str | None) -> bool:
     return path is not None and (Path(path) / "config.json").is_file()
 
 
+def is_vlm_config(config: Any) -> bool:
+    from ..model.vlm import VLMConfig
+    return isinstance(config, VLMConfig)
+
+
+def _is_vlm_folder(path: str | None) -> bool:
+    if not _is_hf_folder(path):
+        return False
+    from ..model.vlm import VLM_MODEL_TYPE
+    return json.loads((Path(path) / "config.json").read_text()).get("model_type") == VLM_MODEL_TYPE
+
+
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    """An HF-format ``init_weights_path`` brings its own architecture; otherwise ``model_config``."""
+    """An HF-format ``init_weights_path`` brings its own architecture; otherwise ``model_config``.
+
+    A saved VLM folder gives its `VLMConfig`. With ``model_config=VLMConfig(...)`` and an LLM folder as
+    ``init_weights_path``, the VLM config is kept and the folder initialises its language model (see
+    :func:`load_weights`)."""
+    if _is_vlm_folder(cfg.init_weights_path):
+        from ..model.vlm import VLMConfig
+        return VLMConfig.from_pretrained_dir(cfg.init_weights_path)
     if _is_hf_folder(cfg.init_weights_path):
-        model_type = json.loads((Path(cfg.init_weights_path) / "config.json").read_text()).get("model_type")
-        if model_type in ("llm_trainer_vlm",):
-            from ..model.vlm import VLMConfig
-            return VLMConfig.from_pretrained_dir(cfg.init_weights_path)
+        if is_vlm_config(cfg.model_config):
+            return cfg.model_config
         from ..model.hf import read_config
         return read_config(cfg.init_weights_path)
     return cfg.model_config
 
 
 def new_model(config: ModelConfig) -> torch.nn.Module:
-    if type(config).__name__ == "VLMConfig":
+    if is_vlm_config(config):
         from ..model.vlm import VlmModel
         return VlmModel(config)
     return LlmModel(config)
+
+
+def lora_target(model: torch.nn.Module) -> torch.nn.Module:
+    """The module LoRA adapts: a VLM's language model (the vision tower and projector are left as they are)."""
+    from ..model.vlm import VlmModel
+    return model.llm if isinstance(model, VlmModel) else model
 
 
 def build_model(cfg: TrainConfig, config: ModelConfig, backend, weights_path: str | None = None) -> torch.nn.Module:
@@ -70,7 +93,7 @@ def build_model(cfg: TrainConfig, config: ModelConfig, backend, weights_path: st
     if cfg.lora is not None:
         from ..model.lora import apply_lora
         lc = cfg.lora
-        apply_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules)
+        apply_lora(lora_target(model), r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules)
     if cfg.gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
         model.set_gradient_checkpointing(True)
     return model
@@ -79,6 +102,11 @@ def build_model(cfg: TrainConfig, config: ModelConfig, backend, weights_path: st
 def load_weights(model: torch.nn.Module, path: str) -> None:
     """Load an HF-format folder, one of our checkpoints (``checkpoint-N``) or a safetensors file — strictly."""
     p = Path(path)
+    from ..model.vlm import VlmModel
+    if isinstance(model, VlmModel) and _is_hf_folder(path) and not _is_vlm_folder(path):
+        from ..model.hf import load_hf_state_dict        # an LLM folder initialises the VLM's language model
+        load_hf_state_dict(model.llm, p)
+        return
     if _is_hf_folder(path):
         loader = getattr(model, "load_pretrained_weights", None)
         if loader is not None:

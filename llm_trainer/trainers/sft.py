@@ -8,6 +8,7 @@ import torch
 from ..configs import SFTConfig
 from ..data.collate import collate_for
 from ..data.datasets import open_dataset
+from .images import attach_pixel_values, expand_items, pixel_provider
 from .lm import LanguageModelingTrainer
 
 
@@ -37,23 +38,16 @@ class SFTTrainer(LanguageModelingTrainer):
         if not hasattr(self, "_collate"):
             self._collate = collate_for("sft", self.pad_token_id(), packing=self.stage_config.packing,
                                         block_size=self.config.block_size)
+        # VLM: each <image> placeholder becomes tokens_per_image image tokens (label -100) before padding/packing
+        items = expand_items(items, self.model_config, [("input_ids", "labels")])
         return self.attach_images(items, self._collate(items))
 
     def attach_images(self, items: list[dict], batch: dict) -> dict:
-        paths = [p for it in items for p in (it.get("images") or [])]
-        batch.pop("images", None)
-        if not paths:
-            return batch
-        from ..images import load_pixel_values
-        provider = self.stage_config.pixel_values_provider or self.default_pixel_provider()
-        batch["pixel_values"] = load_pixel_values(provider, paths)
-        return batch
-
-    def default_pixel_provider(self):
-        from ..images import DefaultPixelValuesProvider
-        if not hasattr(self, "_pixel_provider"):
-            self._pixel_provider = DefaultPixelValuesProvider.from_vision_config(self.model_config.vision_config)
-        return self._pixel_provider
+        """``pixel_values`` (``[N, 3, H, W]``, the batch's images in row order) and ``image_counts`` ``[B]``."""
+        rows = batch.get("images")
+        if rows is None and any(it.get("images") for it in items):
+            rows = [list(it.get("images") or []) for it in items]
+        return attach_pixel_values(batch, rows, pixel_provider(self), self.model_config)
 
     def format_eval_prompt(self, prompt: str) -> list[int]:
         messages = [{"role": "user", "content": prompt}]

@@ -1,0 +1,106 @@
+"""Image plumbing shared by the trainers (SFT, DPO, GRPO, eval generations) for `VlmModel` training.
+
+Stored data keeps one image placeholder token per image (``<image>``, the tokenizer's ``image_token_id``, which a
+`VLMConfig` uses as its ``image_token_id``); the trainers expand each placeholder into ``tokens_per_image`` image
+tokens per sample, *before* padding (labels of image tokens are always -100), and load the pixel values of the
+batch's images in row order (``pixel_values [N, 3, H, W]``, ``image_counts [B]``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..model.vlm import VLMConfig, expand_image_tokens, expand_image_tokens_and_labels
+
+IGNORE_INDEX = -100
+
+
+def is_vlm(config: Any) -> bool:
+    return isinstance(config, VLMConfig)
+
+
+def pixel_provider(trainer: Any):
+    """The stage's ``pixel_values_provider`` if it has one, else the default provider of the vision config."""
+    provider = getattr(trainer.stage_config, "pixel_values_provider", None)
+    if provider is not None:
+        return provider
+    if getattr(trainer, "_default_pixel_provider", None) is None:
+        from ..images import DefaultPixelValuesProvider
+        trainer._default_pixel_provider = DefaultPixelValuesProvider.from_vision_config(trainer.model_config)
+    return trainer._default_pixel_provider
+
+
+def load_images(provider: Any, config: VLMConfig, paths: Sequence[str]) -> torch.Tensor:
+    from ..images import load_pixel_values
+    return load_pixel_values(provider, list(paths), image_size=config.vision_config.image_size)
+
+
+def expand_items(items: list[dict], config: Any, pairs: Sequence[tuple[str, str | None]]) -> list[dict]:
+    """Expand the image placeholders of every ``(ids_key, labels_key)`` of the items (new dicts; a no-op for an
+    LLM). Image tokens never carry a label."""
+    if not is_vlm(config):
+        return items
+    out = []
+    tid, tpi = config.image_token_id, config.tokens_per_image
+    for it in items:
+        it = dict(it)
+        for ids_key, labels_key in pairs:
+            ids = it.get(ids_key)
+            if ids is None:
+                continue
+            if labels_key is not None and it.get(labels_key) is not None:
+                it[ids_key], it[labels_key] = expand_image_tokens_and_labels(ids, it[labels_key], tid, tpi)
+            else:
+                it[ids_key] = expand_image_tokens(ids, tid, tpi)
+        out.append(it)
+    return out
+
+
+def attach_pixel_values(batch: dict, rows: list[list[str]] | None, provider: Any, config: Any) -> dict:
+    """Set ``pixel_values`` and ``image_counts`` for ``rows`` (the image paths of each batch row, in row order)
+    and drop the ``images`` paths from the batch."""
+    batch.pop("images", None)
+    if not is_vlm(config) or not rows or not any(rows):
+        return batch
+    batch["pixel_values"] = load_images(provider, config, [p for r in rows for p in r])
+    batch["image_counts"] = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    return batch
+
+
+def eval_generation_inputs(trainer: Any) -> tuple[list[list[int]], dict]:
+    """Token ids of ``trainer.eval_prompts`` and the extra ``generate`` arguments (``pixel_values``).
+
+    ``trainer.eval_image_tags[i]`` (a path, a list of paths, or None) holds the images of eval prompt ``i``; a
+    prompt whose text has fewer image placeholders (the tokenizer's ``<image>``) than images gets the missing ones
+    prepended (one per line). Placeholders are expanded to ``tokens_per_image`` image tokens."""
+    texts = list(trainer.eval_prompts)
+    config, image_tags = trainer.model_config, trainer.eval_image_tags
+    if not is_vlm(config):
+        if image_tags is not None and any(image_tags):
+            raise ValueError("eval_image_tags need a VLM (model_config=VLMConfig(...))")
+        return [trainer.format_eval_prompt(t) for t in texts], {}
+    tags: list[list[str]] = [[] for _ in texts]
+    if image_tags is not None:
+        if len(image_tags) != len(texts):
+            raise ValueError(f"eval_image_tags has {len(image_tags)} entries for {len(texts)} eval prompts "
+                             f"(one list of image paths per prompt)")
+        tags = [[] if t is None else ([str(t)] if isinstance(t, (str, bytes)) or not isinstance(t, Sequence)
+                                      else [str(p) for p in t]) for t in image_tags]
+    token = getattr(trainer.tokenizer, "image_token", None) or "<image>"
+    tid = config.image_token_id
+    prompts = []
+    for i, (text, paths) in enumerate(zip(texts, tags)):
+        missing = len(paths) - text.count(token)
+        if missing > 0:
+            text = token * missing + "\n" + text
+        ids = list(trainer.format_eval_prompt(text))
+        n = sum(1 for t in ids if t == tid)
+        if n != len(paths):
+            raise ValueError(f"eval prompt {i} has {n} image placeholder(s) {token!r} (id {tid}) but "
+                             f"{len(paths)} image(s) in eval_image_tags")
+        prompts.append(expand_image_tokens(ids, tid, config.tokens_per_image))
+    flat = [p for t in tags for p in t]
+    if not flat:
+        return prompts, {}
+    return prompts, {"pixel_values": load_images(pixel_provider(trainer), config, flat)}

@@ -1,0 +1,225 @@
+"""Loop overhead: our `Trainer` vs a minimal hand-written PyTorch loop, and our `SFTTrainer` vs trl's `SFTTrainer`.
+
+    python scripts/bench/loop.py                                   # defaults below, a few minutes on 2 CPU cores
+    python scripts/bench/loop.py --hidden 512 --layers 8 --seq 512 --batch 8 --steps 20 --rounds 3
+
+Everything runs in this one process, and the variants alternate round by round (ours, reference, ours, reference,
+…) so that a noisy shared machine slows both sides alike; the ratios printed are from this same run.
+
+* **pretrain**: `Trainer` (fp32, AdamW, clip 1.0, constant lr, no checkpoints/eval, ``log_interval`` 10) on a
+  ``.npy`` token file with ``dataset_block_size = --seq`` vs a hand-written loop over the same windows: a torch
+  DataLoader (shuffled), ``model(ids).logits``, mean token cross-entropy, ``backward``, ``clip_grad_norm_``,
+  ``AdamW.step``, ``zero_grad``. Same `LlmModel`, same initial weights, same batch.
+* **sft**: `SFTTrainer` vs ``trl.SFTTrainer`` on a tiny Qwen2 (our `LlmModel(architecture='qwen2')`, saved in HF
+  format; trl trains ``transformers.Qwen2ForCausalLM`` loaded from that folder, ours loads it by
+  ``init_weights_path``). Pre-tokenised sequences of --seq-7 … --seq tokens, loss on every token (trl's default
+  for a language-modelling dataset; ours ``mask_prompt=False``), both pad to the longest row of the batch, fp32,
+  AdamW (weight decay 0), lr 1e-4 constant, clip 1.0, no gradient checkpointing, same batch size.
+
+Step time = the median interval between the ends of consecutive optimizer steps after ``--warmup`` steps, so data
+loading, collation and the loop's own bookkeeping (logging, metrics) are included on every side (ours: around
+``train_step`` inside ``Trainer.train()``; trl: its ``on_step_end`` callback; the hand loop: after ``zero_grad``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def intervals(ends: list[float], warmup: int) -> float:
+    gaps = [b - a for a, b in zip(ends, ends[1:])][max(warmup - 1, 0):]
+    return statistics.median(gaps)
+
+
+def model_config(args, architecture: str):
+    from llm_trainer.model import ModelConfig
+    heads = max(args.hidden // 64, 2)
+    return ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                       num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
+                       max_position_embeddings=max(1024, args.seq), architecture=architecture,
+                       attention_bias=architecture == "qwen2", tie_word_embeddings=False,
+                       pad_token_id=0, eos_token_id=1)
+
+
+# ------------------------------------------------------------------------------------------------------ pretrain
+def run_ours_pretrain(args, work: str, round_: int) -> float:
+    from llm_trainer import OptimConfig, Trainer, TrainConfig
+    ends: list[float] = []
+
+    class Timed(Trainer):
+        def train_step(self, window):
+            out = super().train_step(window)
+            ends.append(time.perf_counter())
+            return out
+
+    cfg = TrainConfig(init_weights_path=os.path.join(work, "llama"), file_dataset=[os.path.join(work, "tokens.npy")],
+                      dataset_block_size=args.seq, batch_size=args.batch,
+                      output_dir=os.path.join(work, f"ours{round_}"),
+                      dtype="fp32", ds_config=None, max_steps=args.warmup + args.steps, save_interval=None,
+                      eval_interval=None, log_interval=10, max_grad_norm=1.0, seed=round_,
+                      optim_config=OptimConfig(initial_lr=1e-4, enable_lr_scheduler=False, weight_decay=0.0))
+    Timed(train_config=cfg).train()
+    return intervals(ends, args.warmup)
+
+
+def run_hand_pretrain(args, work: str, round_: int) -> float:
+    from llm_trainer.model import LlmModel
+    torch.manual_seed(round_)
+    tokens = np.load(os.path.join(work, "tokens.npy"), mmap_mode="r")
+    n = (len(tokens) - args.seq) // args.seq + 1
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return torch.from_numpy(tokens[i * args.seq:(i + 1) * args.seq].astype(np.int64))
+
+    loader = torch.utils.data.DataLoader(Windows(), batch_size=args.batch, shuffle=True, drop_last=True)
+    model = LlmModel.from_pretrained(os.path.join(work, "llama"))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    ends: list[float] = []
+    total = args.warmup + args.steps
+    while len(ends) < total:
+        for ids in loader:
+            logits = model(ids).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ends.append(time.perf_counter())
+            if len(ends) == total:
+                break
+    return intervals(ends, args.warmup)
+
+
+# ----------------------------------------------------------------------------------------------------------- sft
+def sft_rows(args) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    count = args.batch * (args.warmup + args.steps + 2)
+    return [rng.integers(2, args.vocab, args.seq - (i % 8)).tolist() for i in range(count)]
+
+
+def run_ours_sft(args, work: str, round_: int) -> float:
+    from llm_trainer import OptimConfig, SFTConfig, SFTTrainer, TrainConfig
+    ends: list[float] = []
+
+    class Timed(SFTTrainer):
+        def train_step(self, window):
+            out = super().train_step(window)
+            ends.append(time.perf_counter())
+            return out
+
+    cfg = TrainConfig(init_weights_path=os.path.join(work, "qwen2"), file_dataset=[os.path.join(work, "sft")],
+                      dataset_block_size=args.seq, batch_size=args.batch, output_dir=os.path.join(work, f"sft{round_}"),
+                      dtype="fp32", ds_config=None, max_steps=args.warmup + args.steps, save_interval=None,
+                      eval_interval=None, log_interval=10, max_grad_norm=1.0, seed=round_,
+                      optim_config=OptimConfig(initial_lr=1e-4, enable_lr_scheduler=False, weight_decay=0.0),
+                      sft_config=SFTConfig(mask_prompt=False))
+    Timed(train_config=cfg).train()
+    return intervals(ends, args.warmup)
+
+
+def word_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    v = {"<pad>": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(vocab - 2)}}
+    tok = Tokenizer(models.WordLevel(vocab=v, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+
+
+def run_trl_sft(args, work: str, round_: int) -> float:
+    from datasets import Dataset
+    from transformers import Qwen2ForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    ends: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    data = Dataset.from_dict({"input_ids": sft_rows(args)})
+    model = Qwen2ForCausalLM.from_pretrained(os.path.join(work, "qwen2"), dtype=torch.float32)
+    targs = SFTConfig(output_dir=os.path.join(work, f"trl{round_}"), per_device_train_batch_size=args.batch,
+                      max_steps=args.warmup + args.steps, learning_rate=1e-4, lr_scheduler_type="constant",
+                      weight_decay=0.0, max_grad_norm=1.0, report_to="none", use_cpu=True, bf16=False, fp16=False,
+                      max_length=args.seq, save_strategy="no", logging_steps=10,
+                      dataloader_num_workers=0, disable_tqdm=True, seed=round_, packing=False)
+    SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=word_tokenizer(args.vocab),
+               callbacks=[Timer()]).train()
+    return intervals(ends, args.warmup)
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def prepare(args, work: str) -> None:
+    from llm_trainer.data.formats import IndexedWriter
+    from llm_trainer.model import LlmModel
+    for name, arch in (("llama", "llama"), ("qwen2", "qwen2")):
+        torch.manual_seed(0)
+        LlmModel(model_config(args, arch)).save_pretrained(os.path.join(work, name))
+    rng = np.random.default_rng(1)
+    need = args.seq * args.batch * (args.warmup + args.steps + 4)
+    np.save(os.path.join(work, "tokens.npy"), rng.integers(2, args.vocab, need).astype(np.uint16))
+    with IndexedWriter(os.path.join(work, "sft"), stage="sft", vocab_size=args.vocab) as w:
+        for ids in sft_rows(args):
+            w.add_sft(np.array(ids), np.ones(len(ids), dtype=np.int64))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=2, help="steps before timing starts")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each variant (median reported)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", choices=["pretrain", "sft"], default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = tempfile.mkdtemp(prefix="bench_loop_")
+    prepare(args, work)
+    pairs = []
+    if args.only in (None, "pretrain"):
+        pairs.append(("pretrain", ("Trainer", run_ours_pretrain), ("hand-written loop", run_hand_pretrain)))
+    if args.only in (None, "sft"):
+        pairs.append(("sft", ("SFTTrainer", run_ours_sft), ("trl SFTTrainer", run_trl_sft)))
+    rows = []
+    for task, (our_name, ours), (ref_name, ref) in pairs:
+        t_ours, t_ref = [], []
+        for r in range(args.rounds):
+            t_ours.append(ours(args, work, r))
+            t_ref.append(ref(args, work, r))
+        rows.append((task, our_name, statistics.median(t_ours), ref_name, statistics.median(t_ref), t_ours, t_ref))
+
+    tokens = args.batch * args.seq
+    print(f"\nloop benchmark: H={args.hidden} L={args.layers} V={args.vocab}, batch {args.batch} x seq {args.seq} "
+          f"({tokens} tokens/step), fp32 AdamW, {args.threads} thread(s), torch {torch.__version__}, "
+          f"median of {args.steps} steps x {args.rounds} alternating rounds")
+    print(f"{'task':<9}{'ours':<14}{'step s':>9}  {'reference':<18}{'step s':>9}{'ours/ref':>10}"
+          "   per-round ours | ref")
+    for task, on, to, rn, tr, all_o, all_r in rows:
+        print(f"{task:<9}{on:<14}{to:>9.4f}  {rn:<18}{tr:>9.4f}{to / tr:>10.3f}   "
+              f"{' '.join(f'{x:.4f}' for x in all_o)} | {' '.join(f'{x:.4f}' for x in all_r)}")
+
+
+if __name__ == "__main__":
+    main()
