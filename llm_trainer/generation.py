@@ -190,6 +190,7 @@ def _model_device(model: nn.Module) -> torch.device:
 #: it (the reordering would not pay off). Set `CPU_PREPACK_MIN_NUMEL = None` to disable.
 CPU_PREPACK_MIN_NUMEL: int | None = 1 << 16
 CPU_PREPACK_MIN_NEW_TOKENS: int = 16
+CPU_PREPACK_MIN_ROWS: int = 2
 
 
 def _prepack_supported() -> bool:
@@ -243,7 +244,7 @@ class _PrepackedLinears:
                 self.fused.append((m, attr))
                 fused_linears.update(id(p) for p in parts)
         for m in self.model.modules():
-            if not _plain_linear(m) or id(m) in fused_linears:
+            if not _plain_linear(m) or id(m) in fused_linears or self.batch < CPU_PREPACK_MIN_ROWS:
                 continue
             packed = _pack(m.weight, self.batch)
             if packed is not None:
@@ -274,10 +275,15 @@ def _fused_packed(linears: Sequence[nn.Linear], batch: int):
     has_bias = [m.bias is not None for m in linears]
     if any(has_bias) and not all(has_bias):
         return None
+    bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
+    if batch < CPU_PREPACK_MIN_ROWS:
+        w = ws[0]
+        if w.device.type != "cpu" or CPU_PREPACK_MIN_NUMEL is None:
+            return None
+        return functools.partial(F.linear, weight=torch.cat([w.detach() for w in ws]), bias=bias)
     packed = _pack(torch.cat([w.detach() for w in ws]), batch)
     if packed is None:
         return None
-    bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
     return functools.partial(_packed_linear, packed, bias)
 
 

@@ -23,9 +23,14 @@ type = "grpo"
 reward = "my_rewards:exact_match"       # module:function for RL stages
 ```
 
-Each stage starts from the previous stage's exported model (``<previous>/final``). A finished stage leaves
+Relative paths in the file (``output_dir``, ``tokenizer``, ``init_weights_path``, ``file_dataset``,
+``eval_file_dataset``) are relative to the file's folder, whatever the working directory.
+Each stage starts from the previous stage's exported model (``<previous>/final``) unless its own
+``train.init_weights_path`` says otherwise. A finished stage leaves
 ``<stage>/final/DONE``; rerunning the pipeline skips finished stages and resumes an interrupted one from its
-latest checkpoint (``resume_from='auto'``), so a killed pipeline continues where it stopped.
+latest checkpoint (``resume_from='auto'``), so a killed pipeline continues where it stopped. The whole file is
+validated (stage types and names, every config, RL reward imports, ``--only`` names) before any stage trains;
+errors raise `PipelineError` naming the stage (``llm-trainer run`` prints it and exits with code 2).
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ Measured before → after on the 90 training prompts, for every seed:
 * ``sampled``: the mean reward of 4 sampled completions per prompt (temperature 1, the same random numbers before
   and after).
 
-Measured on a 2-core CPU (see docs/rl.md): expected 0.367 → 0.40–0.41 and sampled 0.37 → 0.42–0.45 for each of
-seeds 0, 1, 2 (about 15 s per seed).
+Measured (CPU): expected 0.308 → 0.387 / 0.396 / 0.388 and sampled 0.333 → 0.392 / 0.417 / 0.425 for seeds
+0 / 1 / 2 (about 25 s of CPU time in all, warm-up included).
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def test_grpo_raises_the_reward_on_the_arithmetic_task(warm_policy, tmp_path, ca
             print(f"\nGRPO arithmetic seed {seed}: expected reward {e0:.3f} -> {e1:.3f}, "
                   f"sampled reward {s0:.3f} -> {s1:.3f}")
     for seed, ((e0, s0), (e1, s1)) in results.items():
-        assert e1 > e0 + 0.015, (seed, results)
+        assert e1 > e0 + 0.03, (seed, results)
     gains = [s1 - s0 for (_, s0), (_, s1) in results.values()]
-    assert sum(gains) / len(gains) > 0.02, results
-    assert min(gains) > -0.02, results
+    assert sum(gains) / len(gains) > 0.03, results
+    assert min(gains) > 0.0, results

@@ -85,7 +85,7 @@ def test_aggregations_differ_and_match_hand_values_through_the_loop(tmp_path):
     comps = [[5, EOS], [6], [7, 8, EOS], [EOS], [4, 4], [9, 9, 9]]
     reward = lambda completion_ids: [float(len(c)) for c in completion_ids]   # noqa: E731
     losses = {}
-    for lt in ("grpo", "bnpo", "dr_grpo", "dapo"):
+    for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"):
         tr = _trainer(tmp_path / lt, reward=reward, service=_fixed_service(comps), loss_type=lt, group_size=4,
                       batch_size=2, grpo_batch_size=4, gradient_accumulation_steps=2,
                       generate_config=GenerateConfig(max_new_tokens=3))
@@ -94,6 +94,8 @@ def test_aggregations_differ_and_match_hand_values_through_the_loop(tmp_path):
         A = [b["advantages"] for b in window]
         M = [b["completion_mask"] for b in window]
         tok = [(-a[:, None] * m) for a, m in zip(A, M)]                  # per-token loss at ratio 1
+        if lt == "cispo":                                                 # -sg(min(rho, 1 + eps)) A log pi, rho = 1
+            tok = [t * b["old_logp"] for t, b in zip(tok, window)]
         if lt == "grpo":
             per_seq = torch.cat([(t.sum(1) / m.sum(1)) for t, m in zip(tok, M)])
             hand = per_seq.mean()
@@ -101,7 +103,7 @@ def test_aggregations_differ_and_match_hand_values_through_the_loop(tmp_path):
             hand = torch.stack([t.sum() / m.sum() for t, m in zip(tok, M)]).mean()
         elif lt == "dr_grpo":
             hand = sum(t.sum() for t in tok) / (8 * 3)
-        else:
+        else:                                                             # dapo, cispo: window tokens
             hand = sum(t.sum() for t in tok) / sum(m.sum() for m in M)
         stats = tr.train_step(window)
         assert stats["loss"] == pytest.approx(float(hand), abs=1e-6), lt
@@ -181,9 +183,9 @@ def test_reward_errors_surface_with_the_function_name(tmp_path):
         tr.train()
 
 
-def test_grpo_learns_the_copy_task(tmp_path):
-    """GRPO raises the held-out greedy reward of a random tiny model (~0.05) by a wide margin in 100 steps
-    (measured over 5 seeds: 0.04 -> 0.83 on average, smallest gain 0.59; see docs/rl.md)."""
+def test_grpo_learns_the_copy_task(tmp_path, capsys):
+    """GRPO raises the held-out greedy reward of a random tiny model by a wide margin in 100 steps (measured:
+    seed 0 0.086 -> 0.898, seed 1 0.000 -> 0.773; see docs/rl.md)."""
     gains = []
     for seed in (0, 1):
         cfg = grpo_train_config(tmp_path / str(seed), n_items=1024, steps=100, batch_size=8, seed=seed, group_size=8,
@@ -194,4 +196,40 @@ def test_grpo_learns_the_copy_task(tmp_path):
         tr.train()
         after = tr.evaluate_rewards(held_out)["eval_reward"]
         gains.append(after - before)
+        with capsys.disabled():
+            print(f"\nGRPO copy task seed {seed}: held-out greedy reward {before:.3f} -> {after:.3f}")
     assert min(gains) > 0.4, gains
+
+
+def test_completions_stop_at_the_chat_templates_end_of_turn(tmp_path):
+    """RL prompts are chat-rendered: `<|im_end|>` (not only the tokenizer's eos) ends a completion, so a completion
+    that answers and closes its turn is *finished*, not truncated at max_new_tokens."""
+    import json
+
+    from llm_trainer.configs import GRPOConfig, OptimConfig, TrainConfig
+    from llm_trainer.model import ModelConfig
+    from llm_trainer.tokenizer import Tokenizer, train_tokenizer
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"{a}+1=?"},
+                                                       {"role": "assistant", "content": str(a + 1)}]})
+                              for a in range(20)))
+    train_tokenizer([data], vocab_size=290, output_dir=tmp_path / "tok", template="chatml", show_progress=False)
+    tok = Tokenizer(tmp_path / "tok")
+    im_end = tok.token_to_id("<|im_end|>")
+    assert im_end is not None and im_end != tok.eos_token_id
+    prompt = tok.apply_chat_template([{"role": "user", "content": "3+1=?"}], add_generation_prompt=True).input_ids
+    digit = tok.encode("4")
+    comps = [digit + [im_end], digit + digit + digit]
+    cfg = TrainConfig(model_config=ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, max_position_embeddings=64),
+                      tokenizer=str(tmp_path / "tok"), file_dataset=[{"prompt_ids": torch.tensor(prompt)}] * 8,
+                      batch_size=2, output_dir=str(tmp_path / "run"), optim_config=OptimConfig(initial_lr=1e-3),
+                      save_interval=None, eval_interval=None, log_interval=1000, max_steps=1, dtype="fp32",
+                      grpo_config=GRPOConfig(group_size=2, loss_beta=0.0,
+                                             generate_config=GenerateConfig(max_new_tokens=3)))
+    tr = GRPOTrainer(train_config=cfg, reward_func=lambda completion_ids: [float(len(c)) for c in completion_ids],
+                     generation_service=_fixed_service(comps))
+    assert im_end in tr.stop_token_ids() and tok.eos_token_id in tr.stop_token_ids()
+    rollout, _ = tr.sample(tr.collate([tr.train_dataset[0], tr.train_dataset[1]]))
+    assert rollout.finished == [True, False, True, False]
+    assert rollout.completion_ids[0] == digit + [im_end]

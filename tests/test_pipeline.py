@@ -137,7 +137,15 @@ def test_pipeline_runs_chains_skips_and_resumes(workspace, monkeypatch, capsys, 
     assert (runs / "chat" / "final" / "DONE").is_file()
     assert _equal(_weights(runs / "chat" / "final"), chat_final)           # resume is exact (CPU, one process)
 
-    # 4. --only runs just the named stage (here: done already, so nothing is built)
+    # 4. killed after the export but before DONE: the stage resumes at its last step, trains nothing, re-exports
+    rec.made.clear()
+    (runs / "chat" / "final" / "DONE").unlink()
+    assert main(["run", str(toml)]) == 0
+    assert [(m["stage"], m["step"]) for m in rec.made] == [("sft", SFT_STEPS)]
+    assert (runs / "chat" / "final" / "DONE").is_file()
+    assert _equal(_weights(runs / "chat" / "final"), chat_final)
+
+    # 5. --only runs just the named stage (here: done already, so nothing is built)
     rec.made.clear()
     assert main(["run", str(toml), "--only", "chat"]) == 0
     assert rec.made == []

@@ -126,9 +126,9 @@ def dense_copy(completion_ids, answer_ids):
     return [[1.0 if t == a[0] else 0.0 for t in c] for c, a in zip(completion_ids, answer_ids)]
 
 
-def test_ppo_learns_a_dense_reward(tmp_path):
-    """PPO raises the dense copy reward and the held-out greedy copy accuracy (measured over 3 seeds: +0.25 on
-    average in 60 steps, see docs/rl.md)."""
+def test_ppo_learns_a_dense_reward(tmp_path, capsys):
+    """PPO trained on the dense copy reward raises the held-out greedy copy accuracy in 60 steps (measured: seed 1
+    0.000 -> 0.312, seed 2 0.000 -> 0.266; see docs/rl.md)."""
     gains = []
     for seed in (1, 2):
         cfg = ppo_train_config(tmp_path / str(seed), n_items=2048, steps=60, batch_size=32, seed=seed, ppo_epochs=2,
@@ -142,4 +142,6 @@ def test_ppo_learns_a_dense_reward(tmp_path):
         tr.rewards = RewardSet(copy_reward)
         after = tr.evaluate_rewards(held)["eval_reward"]
         gains.append(after - before)
+        with capsys.disabled():
+            print(f"\nPPO dense copy reward seed {seed}: held-out greedy copy accuracy {before:.3f} -> {after:.3f}")
     assert min(gains) > 0.1, gains

@@ -48,7 +48,7 @@ def test_vlm_quickstart_tiny_via_cli(tmp_path, capsys):
 
 
 def test_vlm_sft_example_runs(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")   # tiny matrices: one thread is fastest
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     out = tmp_path / "ex"

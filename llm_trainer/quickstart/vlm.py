@@ -42,8 +42,8 @@ class VlmQuickstartSize:
 
 
 SIZES = {
-    "full": VlmQuickstartSize(n_train=4000, n_test=200, image_size=32, patch_size=8, tokens_per_image=16,
-                              vision_hidden=64, vision_layers=2, hidden=64, layers=2, heads=4, epochs=4,
+    "full": VlmQuickstartSize(n_train=5000, n_test=200, image_size=32, patch_size=8, tokens_per_image=16,
+                              vision_hidden=64, vision_layers=2, hidden=64, layers=2, heads=4, epochs=5,
                               batch_size=32, lr=3e-3),
     "tiny": VlmQuickstartSize(n_train=24, n_test=6, image_size=16, patch_size=8, tokens_per_image=4,
                               vision_hidden=32, vision_layers=1, hidden=32, layers=1, heads=2, epochs=1,
@@ -135,16 +135,28 @@ def run_vlm_quickstart(output_dir: str | Path = "runs/quickstart_vlm", size: str
     (also written to ``results.json``)."""
     import torch
 
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    # The matrices here are tiny: on a CPU, one intra-op thread is as fast as several and does not stall when the
+    # cores are shared (OpenMP barriers of an oversubscribed machine made steps ~10x slower in our measurements).
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    try:
+        return _run(Path(output_dir), SIZES[size], size, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: Path, sz: VlmQuickstartSize, size: str, seed: int) -> dict[str, Any]:
+    import torch
+
     from ..configs import OptimConfig, SFTConfig, TrainConfig
     from ..data import prepare_data
     from ..model import VisionConfig, VLMConfig, VlmModel
     from ..tokenizer import Tokenizer, train_tokenizer
     from ..trainers.sft import SFTTrainer
 
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    sz = SIZES[size]
-    out = Path(output_dir)
     t0 = time.perf_counter()
     say = lambda msg: print(f"[vlm quickstart {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)  # noqa: E731
 
@@ -175,8 +187,9 @@ def run_vlm_quickstart(output_dir: str | Path = "runs/quickstart_vlm", size: str
                       file_dataset=[str(out / "data" / "sft_tokens")], dataset_block_size=64, ds_config=None,
                       dtype="fp32", batch_size=sz.batch_size, n_epochs=sz.epochs, seed=seed,
                       log_interval=max(1, steps_per_epoch // 2), save_interval=None, eval_interval=10_000,
-                      optim_config=OptimConfig(initial_lr=sz.lr, max_lr=sz.lr, min_lr=sz.lr / 10,
-                                               warmup_iters=max(1, steps_per_epoch // 4), weight_decay=0.01),
+                      optim_config=OptimConfig(initial_lr=sz.lr / 10, max_lr=sz.lr, min_lr=sz.lr / 20,
+                                               warmup_iters=max(1, steps_per_epoch // 2), weight_decay=0.01,
+                                               enable_lr_scheduler=True),
                       sft_config=SFTConfig(mask_prompt=True))
     q0, a0, img0 = test[0]
     trainer = SFTTrainer(train_config=cfg, eval_prompts=[q0.replace("<image>\n", "")], eval_image_tags=[[img0]])

@@ -23,7 +23,7 @@ def is_vlm(config: Any) -> bool:
 def pixel_provider(trainer: Any):
     """The stage's ``pixel_values_provider`` if it has one, else the default provider of the vision config."""
     provider = getattr(trainer.stage_config, "pixel_values_provider", None)
-    if provider is not None:
+    if provider is not None or not is_vlm(trainer.model_config):   # a plain LLM has no images to load
         return provider
     if getattr(trainer, "_default_pixel_provider", None) is None:
         from ..images import DefaultPixelValuesProvider

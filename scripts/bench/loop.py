@@ -3,8 +3,10 @@
     python scripts/bench/loop.py                                   # defaults below, a few minutes on 2 CPU cores
     python scripts/bench/loop.py --hidden 512 --layers 8 --seq 512 --batch 8 --steps 20 --rounds 3
 
-Everything runs in this one process, and the variants alternate round by round (ours, reference, ours, reference,
-…) so that a noisy shared machine slows both sides alike; the ratios printed are from this same run.
+Everything runs in this one process and the ratios printed are from this same run. The machine may be shared and
+noisy, so the pretrain comparison interleaves the two loops step by step (after each of our optimizer steps the hand
+loop does one), and the SFT comparison alternates which trainer runs first in each round; ``--rounds`` fresh
+repetitions, the median is reported with every round's value.
 
 * **pretrain**: `Trainer` (fp32, AdamW, clip 1.0, constant lr, no checkpoints/eval, ``log_interval`` 10) on a
   ``.npy`` token file with ``dataset_block_size = --seq`` vs a hand-written loop over the same windows: a torch
@@ -16,9 +18,11 @@ Everything runs in this one process, and the variants alternate round by round (
   for a language-modelling dataset; ours ``mask_prompt=False``), both pad to the longest row of the batch, fp32,
   AdamW (weight decay 0), lr 1e-4 constant, clip 1.0, no gradient checkpointing, same batch size.
 
-Step time = the median interval between the ends of consecutive optimizer steps after ``--warmup`` steps, so data
-loading, collation and the loop's own bookkeeping (logging, metrics) are included on every side (ours: around
-``train_step`` inside ``Trainer.train()``; trl: its ``on_step_end`` callback; the hand loop: after ``zero_grad``).
+Step time = median over the timed steps (after ``--warmup``) of the wall time of one optimizer step *including*
+fetching and collating its data and the loop's own bookkeeping (logging, metrics): ours = from the end of the
+previous step (of the interleaved hand step, for pretraining) to the end of our ``train_step`` inside
+``Trainer.train()``; the hand loop = its fetch + forward/backward/clip/step/zero_grad; trl = the interval between
+consecutive ``on_step_end`` callbacks; our SFT = the interval between consecutive ``train_step`` ends.
 """
 from __future__ import annotations
 
@@ -39,6 +43,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # our trainers pick the GPU when there is one
+
+
+def now() -> float:
+    """A timestamp after the device's queued work finished."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def intervals(ends: list[float], warmup: int) -> float:
     gaps = [b - a for a, b in zip(ends, ends[1:])][max(warmup - 1, 0):]
     return statistics.median(gaps)
@@ -55,57 +69,76 @@ def model_config(args, architecture: str):
 
 
 # ------------------------------------------------------------------------------------------------------ pretrain
-def run_ours_pretrain(args, work: str, round_: int) -> float:
+class HandLoop:
+    """The minimal PyTorch loop, advanced one optimizer step at a time."""
+
+    def __init__(self, args, work: str, seed: int) -> None:
+        from llm_trainer.model import LlmModel
+        torch.manual_seed(seed)
+        tokens = np.load(os.path.join(work, "tokens.npy"), mmap_mode="r")
+        seq = args.seq
+        n = (len(tokens) - seq) // seq + 1
+
+        class Windows(torch.utils.data.Dataset):
+            def __len__(self):
+                return n
+
+            def __getitem__(self, i):
+                return torch.from_numpy(tokens[i * seq:(i + 1) * seq].astype(np.int64))
+
+        self.loader = torch.utils.data.DataLoader(Windows(), batch_size=args.batch, shuffle=True, drop_last=True)
+        self.batches = iter(self.loader)
+        self.model = LlmModel.from_pretrained(os.path.join(work, "llama")).to(DEVICE)
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0)
+
+    def step(self) -> None:
+        try:
+            ids = next(self.batches)
+        except StopIteration:
+            self.batches = iter(self.loader)
+            ids = next(self.batches)
+        ids = ids.to(DEVICE, non_blocking=True)
+        logits = self.model(ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def run_pretrain_pair(args, work: str, round_: int) -> tuple[float, float]:
+    """Our ``Trainer.train()`` and the hand loop interleaved step by step in one process: after each of our
+    optimizer steps (inside ``train_step``) the hand loop does one step. Our step time = from the end of the hand
+    step to the end of our next ``train_step`` (the rest of ``train()``'s loop body, fetching and collating the
+    next window, the step); the hand step time = its own fetch + step. Interleaving makes background load hit
+    both alike."""
     from llm_trainer import OptimConfig, Trainer, TrainConfig
-    ends: list[float] = []
+    hand = HandLoop(args, work, round_)
+    ours_t: list[float] = []
+    hand_t: list[float] = []
+    resume = [None]
 
     class Timed(Trainer):
         def train_step(self, window):
             out = super().train_step(window)
-            ends.append(time.perf_counter())
+            t = now()
+            if resume[0] is not None:
+                ours_t.append(t - resume[0])
+            hand.step()
+            resume[0] = now()
+            hand_t.append(resume[0] - t)
             return out
 
     cfg = TrainConfig(init_weights_path=os.path.join(work, "llama"), file_dataset=[os.path.join(work, "tokens.npy")],
                       dataset_block_size=args.seq, batch_size=args.batch,
                       output_dir=os.path.join(work, f"ours{round_}"),
-                      dtype="fp32", ds_config=None, max_steps=args.warmup + args.steps, save_interval=None,
+                      dtype="fp32", ds_config=None, max_steps=args.warmup + args.steps + 1, save_interval=None,
                       eval_interval=None, log_interval=10, max_grad_norm=1.0, seed=round_,
                       optim_config=OptimConfig(initial_lr=1e-4, enable_lr_scheduler=False, weight_decay=0.0))
     Timed(train_config=cfg).train()
-    return intervals(ends, args.warmup)
-
-
-def run_hand_pretrain(args, work: str, round_: int) -> float:
-    from llm_trainer.model import LlmModel
-    torch.manual_seed(round_)
-    tokens = np.load(os.path.join(work, "tokens.npy"), mmap_mode="r")
-    n = (len(tokens) - args.seq) // args.seq + 1
-
-    class Windows(torch.utils.data.Dataset):
-        def __len__(self):
-            return n
-
-        def __getitem__(self, i):
-            return torch.from_numpy(tokens[i * args.seq:(i + 1) * args.seq].astype(np.int64))
-
-    loader = torch.utils.data.DataLoader(Windows(), batch_size=args.batch, shuffle=True, drop_last=True)
-    model = LlmModel.from_pretrained(os.path.join(work, "llama"))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    ends: list[float] = []
-    total = args.warmup + args.steps
-    while len(ends) < total:
-        for ids in loader:
-            logits = model(ids).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ends.append(time.perf_counter())
-            if len(ends) == total:
-                break
-    return intervals(ends, args.warmup)
+    w = args.warmup
+    return statistics.median(ours_t[w:]), statistics.median(hand_t[w + 1:])
 
 
 # ----------------------------------------------------------------------------------------------------------- sft
@@ -122,7 +155,7 @@ def run_ours_sft(args, work: str, round_: int) -> float:
     class Timed(SFTTrainer):
         def train_step(self, window):
             out = super().train_step(window)
-            ends.append(time.perf_counter())
+            ends.append(now())
             return out
 
     cfg = TrainConfig(init_weights_path=os.path.join(work, "qwen2"), file_dataset=[os.path.join(work, "sft")],
@@ -152,13 +185,14 @@ def run_trl_sft(args, work: str, round_: int) -> float:
 
     class Timer(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
-            ends.append(time.perf_counter())
+            ends.append(now())
 
     data = Dataset.from_dict({"input_ids": sft_rows(args)})
     model = Qwen2ForCausalLM.from_pretrained(os.path.join(work, "qwen2"), dtype=torch.float32)
     targs = SFTConfig(output_dir=os.path.join(work, f"trl{round_}"), per_device_train_batch_size=args.batch,
                       max_steps=args.warmup + args.steps, learning_rate=1e-4, lr_scheduler_type="constant",
-                      weight_decay=0.0, max_grad_norm=1.0, report_to="none", use_cpu=True, bf16=False, fp16=False,
+                      weight_decay=0.0, max_grad_norm=1.0, report_to="none", use_cpu=DEVICE == "cpu", bf16=False,
+                      fp16=False,
                       max_length=args.seq, save_strategy="no", logging_steps=10,
                       dataloader_num_workers=0, disable_tqdm=True, seed=round_, packing=False)
     SFTTrainer(model=model, args=targs, train_dataset=data, processing_class=word_tokenizer(args.vocab),
@@ -197,23 +231,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = tempfile.mkdtemp(prefix="bench_loop_")
     prepare(args, work)
-    pairs = []
-    if args.only in (None, "pretrain"):
-        pairs.append(("pretrain", ("Trainer", run_ours_pretrain), ("hand-written loop", run_hand_pretrain)))
-    if args.only in (None, "sft"):
-        pairs.append(("sft", ("SFTTrainer", run_ours_sft), ("trl SFTTrainer", run_trl_sft)))
     rows = []
-    for task, (our_name, ours), (ref_name, ref) in pairs:
+    if args.only in (None, "pretrain"):
+        t_ours, t_ref = zip(*(run_pretrain_pair(args, work, r) for r in range(args.rounds)))
+        rows.append(("pretrain", "Trainer", statistics.median(t_ours), "hand-written loop", statistics.median(t_ref),
+                     t_ours, t_ref))
+    if args.only in (None, "sft"):
         t_ours, t_ref = [], []
-        for r in range(args.rounds):
-            t_ours.append(ours(args, work, r))
-            t_ref.append(ref(args, work, r))
-        rows.append((task, our_name, statistics.median(t_ours), ref_name, statistics.median(t_ref), t_ours, t_ref))
+        for r in range(args.rounds):           # alternate the order so a load trend favours neither side
+            first, second = (run_ours_sft, run_trl_sft) if r % 2 == 0 else (run_trl_sft, run_ours_sft)
+            a, b = first(args, work, r), second(args, work, r)
+            t_ours.append(a if first is run_ours_sft else b)
+            t_ref.append(b if first is run_ours_sft else a)
+        rows.append(("sft", "SFTTrainer", statistics.median(t_ours), "trl SFTTrainer", statistics.median(t_ref),
+                     t_ours, t_ref))
 
     tokens = args.batch * args.seq
     print(f"\nloop benchmark: H={args.hidden} L={args.layers} V={args.vocab}, batch {args.batch} x seq {args.seq} "
-          f"({tokens} tokens/step), fp32 AdamW, {args.threads} thread(s), torch {torch.__version__}, "
-          f"median of {args.steps} steps x {args.rounds} alternating rounds")
+          f"({tokens} tokens/step), fp32 AdamW, {DEVICE}, {args.threads} CPU thread(s), torch {torch.__version__}, "
+          f"median of {args.steps} steps, {args.rounds} rounds")
     print(f"{'task':<9}{'ours':<14}{'step s':>9}  {'reference':<18}{'step s':>9}{'ours/ref':>10}"
           "   per-round ours | ref")
     for task, on, to, rn, tr, all_o, all_r in rows:
