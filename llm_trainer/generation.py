@@ -187,7 +187,11 @@ def _model_device(model: nn.Module) -> torch.device:
 #: of decoding faster (they are memory-bound, and MKL would repack the weight at every call). The copies are made
 #: at the start of every call (never cached: a `param.data.copy_()` does not bump the tensor version, so a cache
 #: could serve stale weights) and dropped at its end; generations shorter than `CPU_PREPACK_MIN_NEW_TOKENS` skip
-#: it (the reordering would not pay off). Set `CPU_PREPACK_MIN_NUMEL = None` to disable.
+#: it (the reordering would not pay off). Attention q/k/v and MLP gate/up are packed as one concatenated weight
+#: each (one matmul instead of three / two: `Attention.fused_qkv`, `MLP.fused_gate_up`). With fewer than
+#: `CPU_PREPACK_MIN_ROWS` rows (batch-1 decoding is a matrix-vector product, which the reordering does not speed up)
+#: nothing is reordered; only the q/k/v and gate/up concatenations are made. Set `CPU_PREPACK_MIN_NUMEL = None` to
+#: disable all of it.
 CPU_PREPACK_MIN_NUMEL: int | None = 1 << 16
 CPU_PREPACK_MIN_NEW_TOKENS: int = 16
 CPU_PREPACK_MIN_ROWS: int = 2
@@ -266,8 +270,9 @@ def _plain_linear(m: nn.Module) -> bool:
 
 
 def _fused_packed(linears: Sequence[nn.Linear], batch: int):
-    """A callable computing ``cat([l(x) for l in linears], -1)`` with one packed matmul, or None (not applicable:
-    mixed dtypes/devices/bias presence, ZeRO-3 partitioned weights, or no packing on this build)."""
+    """A callable computing ``cat([l(x) for l in linears], -1)`` with one matmul over the concatenated weight
+    (oneDNN-packed for ``batch >= CPU_PREPACK_MIN_ROWS``), or None (not applicable: not on CPU, mixed
+    dtypes/devices/bias presence, ZeRO-3 partitioned weights, or no packing on this build)."""
     ws = [m.weight for m in linears]
     if any(hasattr(w, "ds_id") or w.dtype != ws[0].dtype or w.device != ws[0].device or w.dim() != 2
            or w.shape[1] != ws[0].shape[1] for w in ws):
@@ -360,7 +365,8 @@ class _Decoder:
         head = _inner_lm_head(model)
         self.head = head if head is not None else functools.partial(_lm_head, model)
         self._init_fast_path(model, T)
-        if prepack and _prepack_supported() and _inner_lm_head(model) is None and hasattr(model, "lm_head_weight"):
+        if prepack and _prepack_supported() and _inner_lm_head(model) is None and hasattr(model, "lm_head_weight") \
+                and self.N >= CPU_PREPACK_MIN_ROWS:
             packed = _pack(model.lm_head_weight(), self.N)  # tied embeddings: no module to patch
             if packed is not None:
                 self.head = functools.partial(_packed_linear, packed, None)
@@ -382,19 +388,21 @@ class _Decoder:
         self.rope_dtype = model.get_input_embeddings().weight.dtype
         if mc.rope_scaling is None or mc.rope_scaling.rope_type != "dynamic":  # dynamic NTK depends on the length
             positions = torch.arange(self.P + T, device=self.device)[None]
-            self.rope_table = rope_cos_sin(mc, positions, self.rope_dtype)  # [1, P+T, head_dim] each
+            cos, sin = rope_cos_sin(mc, positions, self.rope_dtype)
+            self.rope_table = (cos[:, None], sin[:, None])  # [1, 1, P+T, head_dim] each: apply_rope's broadcast shape
 
     def _step_rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for the token fed at step t (position prompt_len + t - 1 of each row)."""
         if self.rope_table is not None and self.mask is None:  # no padding: every row is at position P + t - 1
             p = self.P + t - 1
-            return self.rope_table[0][:, p:p + 1], self.rope_table[1][:, p:p + 1]
+            return self.rope_table[0][:, :, p:p + 1], self.rope_table[1][:, :, p:p + 1]  # [1, 1, 1, head_dim]
         pos = (self.positions + (t - 1))[:, None]
         if self.rope_table is not None:
-            return self.rope_table[0][0][pos], self.rope_table[1][0][pos]
+            return self.rope_table[0][0, 0][pos].unsqueeze(1), self.rope_table[1][0, 0][pos].unsqueeze(1)
         from llm_trainer.model.layers import rope_cos_sin
 
-        return rope_cos_sin(self.model.config, pos, self.rope_dtype)
+        cos, sin = rope_cos_sin(self.model.config, pos, self.rope_dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)  # [N, 1, 1, head_dim]
 
     # ---------------------------------------------------------------------------------------------------
     def _next(self, logits: torch.Tensor) -> torch.Tensor:

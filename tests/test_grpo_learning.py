@@ -10,7 +10,7 @@ Measured before → after on the 90 training prompts, for every seed:
 * ``sampled``: the mean reward of 4 sampled completions per prompt (temperature 1, the same random numbers before
   and after).
 
-Measured (CPU): expected 0.308 → 0.387 / 0.396 / 0.388 and sampled 0.333 → 0.392 / 0.417 / 0.425 for seeds
+Measured (CPU): expected 0.308 → 0.387 / 0.389 / 0.388 and sampled 0.333 → 0.392 / 0.406 / 0.425 for seeds
 0 / 1 / 2 (about 25 s of CPU time in all, warm-up included).
 """
 from __future__ import annotations

@@ -58,6 +58,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # same computation, minus two no-op casts (per-token decoding overhead)
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -154,7 +156,7 @@ class MLP(nn.Module):
         self.fused_gate_up = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.fused_gate_up
+        fused = getattr(self, "fused_gate_up", None)
         if fused is not None:
             gate, up = fused(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
@@ -196,13 +198,14 @@ class Attention(nn.Module):
         """`attn_mask` is boolean `[B, 1, S, K]` (True = attend) or None; `is_causal` is used only without a mask."""
         B, S, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.fused_qkv is not None and self.q_norm is None:
-            qkv = self.fused_qkv(x).view(B, S, H + 2 * KV, D).transpose(1, 2)
+        fused = getattr(self, "fused_qkv", None)
+        if fused is not None and self.q_norm is None:
+            qkv = fused(x).view(B, S, H + 2 * KV, D).transpose(1, 2)
             qk = apply_rope(qkv[:, :H + KV], cos, sin)  # q and k heads rotated together (elementwise: same values)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
         else:
-            if self.fused_qkv is not None:
-                q, k, v = self.fused_qkv(x).split([H * D, KV * D, KV * D], dim=-1)
+            if fused is not None:
+                q, k, v = fused(x).split([H * D, KV * D, KV * D], dim=-1)
             else:
                 q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
             q, k = q.view(B, S, H, D), k.view(B, S, KV, D)

@@ -266,11 +266,11 @@ class LlmModel(nn.Module):
         """One incremental decoding step for `llm_trainer.generation` (eval mode, no autograd): the final hidden
         states `[B, S, H]` (normed, before the output projection) of `input_ids` `[B, S]` appended to `cache`.
 
-        The caller has already resolved what `forward` would: `cos`/`sin` (`[B|1, S, head_dim]`) for the new
-        positions, and `attn_mask` — boolean `[B, 1, S, past+S]` (True = attend), or None when every query may see
-        every cached key (one new token over an unpadded cache). The ids are trusted (no vocabulary range check:
-        they come from the model's own output projection). Same numerics as `forward`; MoE layers route without
-        a token mask (at inference, outputs do not depend on it).
+        The caller has already resolved what `forward` would: `cos`/`sin` (`[B|1, S, head_dim]`, or
+        `[B|1, 1, S, head_dim]`) for the new positions, and `attn_mask` — boolean `[B, 1, S, past+S]` (True =
+        attend), or None when every query may see every cached key (one new token over an unpadded cache). The ids
+        are trusted (no vocabulary range check: they come from the model's own output projection). Same numerics
+        as `forward`; MoE layers route without a token mask (at inference, outputs do not depend on it).
         """
         if self.training:
             raise RuntimeError("decode_step is for inference; call model.eval() first")

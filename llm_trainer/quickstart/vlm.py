@@ -4,7 +4,8 @@ about images it has never seen, trained from scratch on pictures this module dra
 Each picture (black background) holds one to four shapes (square, circle or triangle) of one colour (red, green,
 blue or yellow), each in its own cell of a 4x4 grid with a random size and offset. A sample asks either
 ``how many shapes?`` (answer ``1``..``4``) or ``what colour?`` (answer ``red``/``green``/``blue``/``yellow``), so
-guessing gives 25 % (the chance level reported). Pipeline: draw images → chat jsonl with an ``images`` column →
+guessing gives 25 % (the chance level reported). Held-out questions are half of each kind; training questions are
+two thirds counting (the harder skill: colour is learnt within an epoch, counting after several). Pipeline: draw images → chat jsonl with an ``images`` column →
 train a tokenizer (its ``<image>`` token is the VLM's ``image_token_id``) → ``prepare_data(image_field="images")``
 → SFT of a fresh `VlmModel` (vision tower + projector + language model) → held-out accuracy with greedy generation
 from the image, before and after training.
@@ -12,6 +13,7 @@ from the image, before and after training.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -39,15 +41,16 @@ class VlmQuickstartSize:
     epochs: int
     batch_size: int
     lr: float
+    count_share: float = 2 / 3   # share of "how many shapes?" training questions (counting is the harder skill)
 
 
 SIZES = {
-    "full": VlmQuickstartSize(n_train=5000, n_test=200, image_size=32, patch_size=8, tokens_per_image=16,
-                              vision_hidden=64, vision_layers=2, hidden=64, layers=2, heads=4, epochs=5,
+    "full": VlmQuickstartSize(n_train=7000, n_test=200, image_size=32, patch_size=8, tokens_per_image=16,
+                              vision_hidden=64, vision_layers=2, hidden=64, layers=2, heads=4, epochs=9,
                               batch_size=32, lr=3e-3),
     "tiny": VlmQuickstartSize(n_train=24, n_test=6, image_size=16, patch_size=8, tokens_per_image=4,
                               vision_hidden=32, vision_layers=1, hidden=32, layers=1, heads=2, epochs=1,
-                              batch_size=8, lr=1e-3),
+                              batch_size=8, lr=1e-3, count_share=0.5),
 }
 
 
@@ -74,7 +77,8 @@ def draw_image(rng: random.Random, size: int, count: int, colour: str):
     return img
 
 
-def write_vlm_task(folder: Path, n_train: int, n_test: int, image_size: int, seed: int = 0) -> dict[str, Any]:
+def write_vlm_task(folder: Path, n_train: int, n_test: int, image_size: int, seed: int = 0,
+                   count_share: float = 0.5) -> dict[str, Any]:
     """Images under ``folder/images`` and ``train.jsonl`` / ``test.jsonl`` chat records with an ``images``
     column (absolute paths). Returns the paths and the held-out samples ``(question, answer, image)``."""
     rng = random.Random(seed)
@@ -88,7 +92,8 @@ def write_vlm_task(folder: Path, n_train: int, n_test: int, image_size: int, see
                 count, colour = rng.randint(1, 4), rng.choice(sorted(COLOURS))
                 image = (img_dir / f"{split}_{i:05d}.png").resolve()
                 draw_image(rng, image_size, count, colour).save(image)
-                kind = "count" if i % 2 == 0 else "colour"
+                share = count_share if split == "train" else 0.5    # held out: half of each kind
+                kind = "count" if math.ceil((i + 1) * share) > math.ceil(i * share) else "colour"
                 answer = str(count) if kind == "count" else colour
                 question = "<image>\n" + QUESTIONS[kind]
                 f.write(json.dumps({"messages": [{"role": "user", "content": question},
@@ -160,7 +165,8 @@ def _run(out: Path, sz: VlmQuickstartSize, size: str, seed: int) -> dict[str, An
     t0 = time.perf_counter()
     say = lambda msg: print(f"[vlm quickstart {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)  # noqa: E731
 
-    files = write_vlm_task(out / "data", sz.n_train, sz.n_test, sz.image_size, seed=seed)
+    files = write_vlm_task(out / "data", sz.n_train, sz.n_test, sz.image_size, seed=seed,
+                           count_share=sz.count_share)
     test = files["test_samples"]
     say(f"{sz.n_train} training and {len(test)} held-out pictures drawn under {out / 'data' / 'images'}")
     tok_dir = out / "tokenizer"

@@ -402,11 +402,19 @@ class BaseTrainer:
         return samples
 
     def stop_token_ids(self) -> list[int]:
-        ids = []
-        for attr in ("eos_token_id", "eot_token_id"):
-            v = getattr(self.tokenizer, attr, None)
-            if v is not None and v not in ids:
-                ids.append(v)
+        """EOS and the chat template's end-of-turn token (chat prompts end a reply with e.g. ``<|im_end|>``);
+        the model config's eos when there is no tokenizer."""
+        ids: list[int] = []
+        if self.tokenizer is not None:
+            candidates = [self.tokenizer.eos_token_id]
+            try:
+                candidates += list(self.tokenizer.stop_token_ids or [])
+            except (KeyError, ValueError, AttributeError, TypeError):     # no / unknown chat template
+                pass
+            ids = [int(i) for i in dict.fromkeys(c for c in candidates if c is not None)]
+        if not ids:
+            eos = getattr(self.model_config, "eos_token_id", None)
+            ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return ids
 
     def pad_token_id(self) -> int:

@@ -625,24 +625,6 @@ class RLTrainer(BaseTrainer):
     def batch_tokens(self, batch: dict[str, Any]) -> int:
         return int(batch["attention_mask"].sum())
 
-    def stop_token_ids(self) -> list[int]:
-        """EOS and the chat template's end-of-turn token (RL prompts are rendered with the chat template, so a
-        completion ends with e.g. ``<|im_end|>``); the model config's eos without a tokenizer."""
-        ids = list(super().stop_token_ids()) if self.tokenizer is not None else []
-        if self.tokenizer is not None:
-            try:
-                extra = getattr(self.tokenizer, "stop_token_ids", None)
-                extra = extra() if callable(extra) else extra
-            except (KeyError, ValueError, AttributeError, TypeError):     # no / unknown chat template
-                extra = None
-            for i in extra or []:
-                if i is not None and int(i) not in ids:
-                    ids.append(int(i))
-        if not ids:
-            eos = self.model_config.eos_token_id
-            ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        return ids
-
     def pad_token_id(self) -> int:
         if self.tokenizer is not None:
             return super().pad_token_id()
