@@ -33,7 +33,7 @@ def test_quickstart_tiny_runs_every_stage(tmp_path, capsys):
         assert 0.0 <= res["chat_accuracy"] <= 1.0
         assert (out / stage / "final" / "config.json").is_file() and (out / stage / "metrics.png").is_file()
     assert {"preference_accuracy_before", "preference_accuracy_after"} <= set(results["dpo"])
-    assert {"mean_reward_first", "mean_reward_last"} <= set(results["grpo"])
+    assert {"sampled_reward_before", "sampled_reward_after"} <= set(results["grpo"])
     printed = capsys.readouterr().out
     assert "sft done → held-out chat_accuracy" in printed
     LlmModel.from_pretrained(out / "grpo" / "final")   # the last export loads

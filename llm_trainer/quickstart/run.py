@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evaluate import accuracy, load_test_set
+from .evaluate import accuracy, load_test_set, sampled_reward
 from .task import exact_match, write_task_files
 
 
@@ -21,8 +21,8 @@ class QuickstartSize:
     heads: int
     max_operand: int
     pretrain_repeats: int
-    pretrain_epochs: int
-    sft_epochs: int
+    pretrain_steps: int
+    sft_steps: int
     dpo_steps: int
     grpo_steps: int
     batch_size: int
@@ -30,10 +30,10 @@ class QuickstartSize:
 
 
 SIZES = {
-    "full": QuickstartSize(hidden=128, layers=4, heads=4, max_operand=49, pretrain_repeats=6, pretrain_epochs=1,
-                           sft_epochs=2, dpo_steps=30, grpo_steps=20, batch_size=32, test_limit=250),
-    "tiny": QuickstartSize(hidden=32, layers=2, heads=2, max_operand=9, pretrain_repeats=1, pretrain_epochs=1,
-                           sft_epochs=1, dpo_steps=2, grpo_steps=2, batch_size=8, test_limit=10),
+    "full": QuickstartSize(hidden=128, layers=4, heads=4, max_operand=49, pretrain_repeats=2, pretrain_steps=150,
+                           sft_steps=1000, dpo_steps=40, grpo_steps=80, batch_size=32, test_limit=250),
+    "tiny": QuickstartSize(hidden=32, layers=2, heads=2, max_operand=9, pretrain_repeats=1, pretrain_steps=2,
+                           sft_steps=3, dpo_steps=2, grpo_steps=2, batch_size=8, test_limit=10),
 }
 STAGES = ("pretrain", "sft", "dpo", "grpo")
 
@@ -110,22 +110,23 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", size: str = "full
 
     vocab = tok.vocab_size
     if "pretrain" in stages:
-        cfg = _train_config(out, "pretrain", tok_dir, sz, None, vocab_size=vocab, lr=3e-3,
-                            n_epochs=sz.pretrain_epochs, file_dataset=[str(data / "pretrain_tokens.npy")],
+        cfg = _train_config(out, "pretrain", tok_dir, sz, None, vocab_size=vocab, lr=1e-3, n_epochs=100,
+                            max_steps=sz.pretrain_steps, file_dataset=[str(data / "pretrain_tokens.npy")],
                             pretrain_config=PretrainConfig())
         trainer = Trainer(train_config=cfg, eval_prompts=["12+7="])
         trainer.train()
         finish("pretrain", trainer)
     if "sft" in stages:
-        cfg = _train_config(out, "sft", tok_dir, sz, init, vocab_size=vocab, lr=2e-3, n_epochs=sz.sft_epochs,
+        cfg = _train_config(out, "sft", tok_dir, sz, init, vocab_size=vocab, lr=1e-3, n_epochs=100,
+                            max_steps=sz.sft_steps,
                             file_dataset=[str(data / "sft_tokens")], sft_config=SFTConfig(mask_prompt=True))
         trainer = SFTTrainer(train_config=cfg, eval_prompts=["12+7=?"])
         trainer.train()
         finish("sft", trainer)
     if "dpo" in stages:
-        cfg = _train_config(out, "dpo", tok_dir, sz, init, vocab_size=vocab, lr=2e-4, n_epochs=1,
+        cfg = _train_config(out, "dpo", tok_dir, sz, init, vocab_size=vocab, lr=2e-5, n_epochs=1,
                             max_steps=sz.dpo_steps, warmup=2, file_dataset=[str(data / "dpo_tokens")],
-                            dpo_config=DPOConfig(loss_beta=0.1))
+                            dpo_config=DPOConfig(loss_beta=0.1, nll_loss_coef=0.2))
         trainer = DPOTrainer(train_config=cfg, eval_prompts=["12+7=?"])
         before = trainer.preference_accuracy()
         trainer.train()
@@ -134,19 +135,15 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", size: str = "full
                                 "preference_accuracy_after": after["rewards/accuracy"]})
     if "grpo" in stages:
         gen = GenerateConfig(max_new_tokens=6, temperature=1.0)
-        cfg = _train_config(out, "grpo", tok_dir, sz, init, vocab_size=vocab, lr=2e-4, n_epochs=1,
+        cfg = _train_config(out, "grpo", tok_dir, sz, init, vocab_size=vocab, lr=2e-5, n_epochs=1,
                             max_steps=sz.grpo_steps, warmup=2, batch_size=max(2, sz.batch_size // 4),
                             file_dataset=[str(data / "rl_tokens")],
                             grpo_config=GRPOConfig(group_size=8, loss_beta=0.0, generate_config=gen))
+        before = sampled_reward(LlmModel.from_pretrained(init), tok, test)
         trainer = GRPOTrainer(train_config=cfg, reward_func=arithmetic_reward, eval_prompts=["12+7=?"])
         trainer.train()
-        rewards = [json.loads(line) for line in open(out / "grpo" / "metrics.jsonl") if '"reward' in line]
-        key = "reward/mean" if rewards else None
-        extra = {}
-        if key:
-            vals = [r[key] for r in rewards if key in r]
-            k = max(1, len(vals) // 4)
-            extra = {"mean_reward_first": sum(vals[:k]) / k, "mean_reward_last": sum(vals[-k:]) / k}
+        extra = {"sampled_reward_before": before,
+                 "sampled_reward_after": sampled_reward(LlmModel.from_pretrained(out / "grpo" / "final"), tok, test)}
         finish("grpo", trainer, extra)
     _plots(out, [s for s in STAGES if s in results])
     say(f"finished in {time.perf_counter() - t_start:.0f}s; results in {out / 'results.json'}")

@@ -41,7 +41,7 @@ def chat_prompt(p: Problem) -> list[dict]:
 
 
 def pretrain_lines(problems: list[Problem], rng: random.Random, repeats: int) -> list[str]:
-    forms = ("{a}+{b}={c}", "{a} plus {b} is {c}", "{b}+{a}={c}", "{c}={a}+{b}")
+    forms = ("{a}+{b}={c}", "{a} plus {b} is {c}", "{b}+{a}={c}")
     out = []
     for _ in range(repeats):
         for p in problems:
