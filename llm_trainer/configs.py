@@ -578,7 +578,8 @@ class PretrainConfig(ConfigMixin):
 @dataclass(kw_only=True)
 class SFTConfig(ConfigMixin):
     """Supervised fine-tuning. ``mask_prompt``: train only on assistant tokens. ``packing``: several samples
-    per row with document masking. ``pixel_values_provider(image_tags) -> Tensor`` (VLM; not serialisable)."""
+    per row with document masking. ``pixel_values_provider(image_tags) -> Tensor`` (VLM; not serialisable).
+    Image paths travel with the SFT data itself (``prepare_data --image-field``), not in a separate file."""
 
     mask_prompt: bool = True
     packing: bool = False
@@ -588,7 +589,6 @@ class SFTConfig(ConfigMixin):
     kd_config: KDConfig | None = None
     chunked_cross_entropy_size: int | None = None
     pixel_values_provider: Callable | None = None
-    image_tags_file_dataset: Any = None
 
     def __post_init__(self) -> None:
         _coerce(self, "kd_config", "KDConfig")

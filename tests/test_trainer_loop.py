@@ -143,3 +143,31 @@ def test_default_config_trains_in_fp32_on_cpu(tmp_path):
     from llm_trainer.trainers.setup import build_backend
     backend = build_backend(TrainConfig(output_dir=str(tmp_path)))
     assert backend.dtype == "fp32" and backend.world_size == 1
+
+
+def test_pretraining_streams_jsonl_text(tmp_path):
+    # a .jsonl corpus is tokenised on the fly (never prepared); it has no length, so max_steps decides; resume
+    # skips the windows already trained on and continues like an uninterrupted run
+    import json as _json
+    from llm_trainer.tokenizer import train_tokenizer
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(_json.dumps({"text": f"{a} plus {b} is {a + b}."}) + "\n"
+                              for a in range(30) for b in range(12)))
+    tok = tmp_path / "tok"
+    train_tokenizer([corpus], vocab_size=300, output_dir=tok, show_progress=False)
+    with pytest.raises(ValueError, match="max_steps"):
+        Trainer(train_config=train_config(tmp_path / "x", corpus, tokenizer=str(tok),
+                                          model_config=tiny_model_config(vocab_size=300)))
+    straight = Trainer(train_config=train_config(tmp_path / "a", corpus, tokenizer=str(tok), max_steps=4,
+                                                 model_config=tiny_model_config(vocab_size=300)))
+    straight.train()
+    cfg = train_config(tmp_path / "b", corpus, tokenizer=str(tok), model_config=tiny_model_config(vocab_size=300),
+                       max_steps=4, save_interval=1, resume_from="auto")
+    with pytest.raises(_Interrupted):
+        StopAfter(train_config=cfg).train()
+    resumed = Trainer(train_config=cfg)
+    assert resumed.global_step == 3
+    resumed.train()
+    a, b = params(straight), params(resumed)
+    assert straight.global_step == resumed.global_step == 4
+    assert all(torch.equal(a[k], b[k]) for k in a)

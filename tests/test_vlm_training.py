@@ -108,6 +108,22 @@ def test_sft_collate_expands_images_and_never_labels_them(tmp_path):
     assert torch.equal(batch["pixel_values"][:1], ref)
 
 
+def test_sft_rows_fit_the_block_after_image_expansion(tmp_path):
+    from llm_trainer.trainers.sft import SFTTrainer
+    images = write_images(tmp_path / "img")
+    data = write_sft(tmp_path / "sft", images)
+    # stored rows hold 6-7 tokens; with 2 images of 4 tokens a row grows to 12: a block of 11 cuts only text
+    trainer = SFTTrainer(train_config=train_config(tmp_path, data, dataset_block_size=11))
+    items = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.collate(items)
+    assert batch["input_ids"].shape[1] <= 11
+    assert (batch["input_ids"] == IMG).sum(1).tolist() == [TPI, 2 * TPI, TPI, 2 * TPI]
+    # a block too small for the images themselves is a clear error, not a silently broken image
+    trainer = SFTTrainer(train_config=train_config(tmp_path / "small", data, dataset_block_size=7))
+    with pytest.raises(ValueError, match="dataset_block_size=7"):
+        trainer.collate([trainer.train_dataset[i] for i in range(2)])
+
+
 @pytest.mark.parametrize("freeze_vision", [True, False])
 def test_sft_frozen_llm_changes_only_projector_and_encoder(tmp_path, freeze_vision):
     from llm_trainer.trainers.sft import SFTTrainer

@@ -14,6 +14,7 @@ RL trainers override ``training_windows()`` to insert a rollout phase that fills
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -50,6 +51,10 @@ class LossOutput:
     aux_loss: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, float] = field(default_factory=dict)
+
+
+def _is_streaming(dataset) -> bool:
+    return isinstance(dataset, torch.utils.data.IterableDataset)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -153,19 +158,30 @@ class BaseTrainer:
         if cfg.file_dataset is None:
             raise ValueError(f"TrainConfig.file_dataset: {type(self).__name__} needs training data")
         self.train_dataset = self.build_dataset(cfg.file_dataset)
-        if len(self.train_dataset) == 0:
-            raise ValueError(f"TrainConfig.file_dataset: no samples in {cfg.file_dataset!r}")
         self.eval_dataset = self.build_dataset(cfg.eval_file_dataset) if cfg.eval_file_dataset else None
         dl = cfg.data_loader_config
+        if _is_streaming(self.train_dataset):   # .jsonl text tokenised on the fly: no length, no O(1) seek
+            self.sampler = None
+            return
+        if len(self.train_dataset) == 0:
+            raise ValueError(f"TrainConfig.file_dataset: no samples in {cfg.file_dataset!r}")
         self.sampler = ShardedSampler(len(self.train_dataset), rank=self.backend.rank,
                                       world_size=self.backend.world_size, seed=cfg.seed, shuffle=dl.shuffle,
                                       drop_last=True)
 
     def steps_per_epoch(self) -> int:
+        if self.sampler is None:
+            return 0                                   # a stream's length is unknown
         micro = len(self.sampler) // self.config.batch_size
         return micro // self.grad_accum
 
     def compute_total_steps(self) -> int:
+        if self.sampler is None:
+            if not self.config.max_steps:
+                raise ValueError(f"TrainConfig.max_steps: {self.config.file_dataset!r} is streamed (tokenised on "
+                                 f"the fly) and has no length, so set max_steps — or run prepare_data to get a "
+                                 f".npy with epochs, exact resume and balanced ranks")
+            return self.config.max_steps
         per_epoch = self.steps_per_epoch()
         if per_epoch == 0:
             raise ValueError(
@@ -177,6 +193,12 @@ class BaseTrainer:
     def _loader(self, dataset, sampler_start: int, epoch: int, shuffle: bool = True):
         from ..data.sampler import ShardedSampler
         dl = self.config.data_loader_config
+        if _is_streaming(dataset):
+            # this rank's shard of the stream, skipping the windows it already trained on (read, not seeked)
+            stream = copy.copy(dataset)
+            stream.rank, stream.world_size, stream.start = self.backend.rank, self.backend.world_size, sampler_start
+            return torch.utils.data.DataLoader(stream, batch_size=self.config.batch_size, collate_fn=self.collate,
+                                               num_workers=dl.num_workers, pin_memory=dl.pin_memory, drop_last=True)
         sampler = ShardedSampler(len(dataset), rank=self.backend.rank, world_size=self.backend.world_size,
                                  seed=self.config.seed, shuffle=shuffle and dl.shuffle, drop_last=True)
         sampler.set_epoch(epoch, start=sampler_start)
@@ -193,14 +215,20 @@ class BaseTrainer:
         while self.global_step < self.total_steps:
             loader = self._loader(self.train_dataset, self.epoch_position * self.config.batch_size, self.epoch)
             window: list[dict[str, Any]] = []
+            produced = False
             for batch in loader:
                 window.append(batch)
                 if len(window) == k:
                     self.epoch_position += k
+                    produced = True
                     yield window
                     window = []
                     if self.global_step >= self.total_steps:
                         return
+            if not produced and self.epoch_position == 0:
+                raise ValueError(f"TrainConfig.file_dataset: {self.config.file_dataset!r} gave rank "
+                                 f"{self.backend.rank} not one accumulation window (batch_size "
+                                 f"{self.config.batch_size} × {k}) in a whole epoch")
             self.epoch += 1
             self.epoch_position = 0
             self.on_epoch_end()
@@ -334,6 +362,8 @@ class BaseTrainer:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def _epoch_float(self) -> float:
+        if self.sampler is None:
+            return float(self.epoch)
         per_epoch = max(self.steps_per_epoch(), 1)
         return round(self.epoch + self.epoch_position / (per_epoch * self.grad_accum), 4)
 

@@ -36,9 +36,11 @@ def load_images(provider: Any, config: VLMConfig, paths: Sequence[str]) -> torch
     return load_pixel_values(provider, list(paths), image_size=config.vision_config.image_size)
 
 
-def expand_items(items: list[dict], config: Any, pairs: Sequence[tuple[str, str | None]]) -> list[dict]:
+def expand_items(items: list[dict], config: Any, pairs: Sequence[tuple[str, str | None]],
+                 max_length: int | None = None) -> list[dict]:
     """Expand the image placeholders of every ``(ids_key, labels_key)`` of the items (new dicts; a no-op for an
-    LLM). Image tokens never carry a label."""
+    LLM). Image tokens never carry a label. ``max_length``: cut expanded rows back to it (text only: a row whose
+    image tokens would be cut raises, naming the limit)."""
     if not is_vlm(config):
         return items
     out = []
@@ -53,6 +55,14 @@ def expand_items(items: list[dict], config: Any, pairs: Sequence[tuple[str, str 
                 it[ids_key], it[labels_key] = expand_image_tokens_and_labels(ids, it[labels_key], tid, tpi)
             else:
                 it[ids_key] = expand_image_tokens(ids, tid, tpi)
+            if max_length is not None and len(it[ids_key]) > max_length:
+                if bool((torch.as_tensor(it[ids_key][max_length:]) == tid).any()):
+                    raise ValueError(f"a sample's {ids_key} holds {len(it[ids_key])} tokens once its images are "
+                                     f"expanded to {tpi} tokens each; its images do not fit in "
+                                     f"dataset_block_size={max_length}: raise it or use fewer images per sample")
+                it[ids_key] = it[ids_key][:max_length]
+                if labels_key is not None and it.get(labels_key) is not None:
+                    it[labels_key] = it[labels_key][:max_length]
         out.append(it)
     return out
 

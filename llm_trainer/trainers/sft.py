@@ -39,7 +39,7 @@ class SFTTrainer(LanguageModelingTrainer):
             self._collate = collate_for("sft", self.pad_token_id(), packing=self.stage_config.packing,
                                         block_size=self.config.block_size)
         # VLM: each <image> placeholder becomes tokens_per_image image tokens (label -100) before padding/packing
-        items = expand_items(items, self.model_config, [("input_ids", "labels")])
+        items = expand_items(items, self.model_config, [("input_ids", "labels")], max_length=self.config.block_size)
         return self.attach_images(items, self._collate(items))
 
     def attach_images(self, items: list[dict], batch: dict) -> dict:
