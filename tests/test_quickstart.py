@@ -62,7 +62,7 @@ def test_pretrain_then_sft_examples(tmp_path):
     assert sft.returncode == 0, sft.stderr[-3000:]
     merged = LlmModel.from_pretrained(tmp_path / "sft" / "final")
     assert merged.config.hidden_size == 32
-    assert (tmp_path / "sft" / "final" / "lora_adapter").is_dir()
+    assert (tmp_path / "sft" / "lora_adapter").is_dir()   # the adapters alone, beside the merged export
 
 
 def test_wrong_answers_are_never_right_or_negative():

@@ -180,7 +180,7 @@ def _exec(cmd: list[str], dry_run: bool) -> NoReturn:
     os.execv(cmd[0], cmd)  # cmd[0] is an absolute interpreter path; exec never returns on success
 
 
-BACKEND_ENV = "LLM_TRAINER_BACKEND"
+BACKEND_ENV = "LLM_TRAINER_BACKEND"   # read by llm_trainer.parallel.env.launcher_backend (not imported: no torch)
 _FORCED_BACKEND = {"deepspeed": "deepspeed", "torchrun": "ddp"}
 
 

@@ -1,7 +1,6 @@
 """Execution backends behind one interface: single process, torch DDP, DeepSpeed (see base.Backend)."""
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Literal
 
@@ -12,7 +11,7 @@ from .ds_config import (
     DsActivationCheckpointingConfig, DsBf16Config, DsConfig, DsFlopsProfilerConfig, DsFp16Config,
     DsOffloadConfig, DsZero0Config, DsZero1Config, DsZero2Config, DsZero3Config, DsZeROConfig,
 )
-from .env import DistEnv, read_env
+from .env import DistEnv, launcher_backend, read_env
 from .single import SingleBackend
 
 __all__ = [
@@ -53,7 +52,7 @@ def get_backend(ds_config: DsConfig | None = None, dtype: str | torch.dtype | No
     """
     env = env or read_env()
     if kind == "auto":   # ds_train / ddp_train say which backend the user launched with
-        kind = os.environ.get("LLM_TRAINER_BACKEND", "auto") or "auto"
+        kind = launcher_backend()
     if kind not in ("auto", "single", "ddp", "deepspeed"):
         raise ValueError(f"kind must be 'auto', 'single', 'ddp' or 'deepspeed', got {kind!r}")
     if kind == "deepspeed" or (kind == "auto" and ds_config is not None and env.world_size > 1

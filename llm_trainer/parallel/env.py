@@ -66,6 +66,15 @@ def _int(environ: Mapping[str, str], name: str, default: int | None) -> int | No
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+BACKEND_ENV = "LLM_TRAINER_BACKEND"
+
+
+def launcher_backend(environ: Mapping[str, str] | None = None) -> str:
+    """The backend a launcher asked for (``ds_train`` → 'deepspeed', ``ddp_train`` → 'ddp'), else 'auto'."""
+    env = os.environ if environ is None else environ
+    return env.get(BACKEND_ENV, "") or "auto"
+
+
 def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read the launcher variables (default: ``os.environ``) into a :class:`DistEnv`.
 
