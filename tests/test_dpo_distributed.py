@@ -13,9 +13,8 @@ ONE torchrun launch runs this file as a script with three scenarios, rank 0 writ
 Tolerances: fp32, same maths, only reduction order differs: weights within 5e-6 max-abs and 1e-5 relative update
 error (measured: ZeRO-2 1.2e-7 / 3.5e-7, ZeRO-3 4.1e-7 / 8.0e-7), losses/metrics/grad norms within 1e-5 relative.
 
-weight_decay=0: llm_trainer.optim picks the decayed parameters by ``p.ndim >= 2``, and ZeRO-3-partitioned
-parameters are 1-D placeholders at that point, so under ZeRO-3 nothing is decayed (with the default 0.01 the ZeRO-3
-run drifts to a 3e-4 relative update error). Reported to the optim owner; not a DPO matter.
+Weight decay 0.1 on matrices only: ZeRO-3-partitioned parameters are 1-D placeholders, so the decay groups must
+come from their full ``ds_shape`` (llm_trainer.optim) for ZeRO-3 to decay the same parameters.
 """
 from __future__ import annotations
 
@@ -55,7 +54,7 @@ def config(workdir, name, batch_size, ds_config, **dpo):
                        batch_size=batch_size, output_dir=os.path.join(workdir, name), dtype="fp32",
                        save_interval=None, eval_interval=None, log_interval=1, max_steps=STEPS, ds_config=ds_config,
                        max_grad_norm=1.0, data_loader_config={"shuffle": False},
-                       optim_config=OptimConfig(initial_lr=3e-3, enable_lr_scheduler=False, weight_decay=0.0),
+                       optim_config=OptimConfig(initial_lr=3e-3, enable_lr_scheduler=False, weight_decay=0.1),
                        dpo_config=DPOConfig(loss_beta=0.5, gradient_accumulation_steps=GA, **dpo))
 
 

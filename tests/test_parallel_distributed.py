@@ -139,12 +139,10 @@ def test_zero3_generation_and_export(parity, dtype):
             assert res["diff"] <= FP32_TOL  # and training after the gather still matches (hooks restored)
 
 
-def test_two_nodes_on_loopback(tmp_path):
-    """Two launcher processes = two nodes (smart_train -> torchrun --nnodes=2 --node-rank=0/1)."""
+def _launch_two_nodes(out) -> tuple[list[int | None], list[str]]:
     from llm_trainer.parallel.env import find_free_port
 
     port = find_free_port()
-    out = tmp_path / "two_nodes.json"
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-c", "from llm_trainer.cli.launch import smart_train; smart_train()",
@@ -155,12 +153,28 @@ def test_two_nodes_on_loopback(tmp_path):
     logs = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
+            try:
+                logs.append(p.communicate(timeout=180)[0])
+            except subprocess.TimeoutExpired:
+                p.kill()
+                logs.append("TIMED OUT after 180 s\n" + p.communicate()[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+                p.communicate()
+    return [p.returncode for p in procs], logs
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    """Two launcher processes = two nodes (smart_train -> torchrun --nnodes=2 --node-rank=0/1)."""
+    out = tmp_path / "two_nodes.json"
+    codes, logs = _launch_two_nodes(out)
+    if codes != [0, 0] and any(log.startswith("TIMED OUT") for log in logs):
+        # a rendezvous on a loaded 2-core box can stall once; a second attempt on a fresh port must succeed
+        print("two-node attempt 1 timed out:\n" + "\n".join(log[-2000:] for log in logs))
+        codes, logs = _launch_two_nodes(out)
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     res = json.loads(out.read_text())
     for kind, backend in (("ddp", "ddp"), ("deepspeed", "deepspeed")):
         r = res[kind]

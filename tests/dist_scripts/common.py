@@ -66,34 +66,9 @@ def make_optimizer(name: str, params, lr: float | None = None):
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr or 0.5, momentum=0.9, foreach=False)
     if name == "lion":
-        try:
-            from llm_trainer.optim import Lion  # the project's Lion when it exists
-            return Lion(params, lr=lr or 1e-3, weight_decay=0.1)
-        except ImportError:
-            return _Lion(params, lr=lr or 1e-3, weight_decay=0.1)
+        from llm_trainer.optim import Lion
+        return Lion(params, lr=lr or 1e-3, weight_decay=0.1)
     raise ValueError(name)
-
-
-class _Lion(torch.optim.Optimizer):
-    """Minimal Lion (Chen et al. 2023, Alg. 2) standing in until llm_trainer.optim.Lion lands."""
-
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                m = state["exp_avg"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(torch.sign(m * b1 + p.grad * (1 - b1)), alpha=-group["lr"])
-                m.mul_(b2).add_(p.grad, alpha=1 - b2)
 
 
 def reference_run(world: int, steps: int, grad_accum: int, optim: str, clip: float | None,
