@@ -20,39 +20,12 @@ completions; the update is synchronised.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import time
 from pathlib import Path
 
 from llm_trainer import GRPOConfig, GRPOTrainer, ModelConfig, OptimConfig, SFTConfig, SFTTrainer, TrainConfig
-from llm_trainer.data import prepare_data
 from llm_trainer.generation import GenerateConfig
-from llm_trainer.quickstart.task import exact_match, write_task_files
-from llm_trainer.tokenizer import Tokenizer, train_tokenizer
-
-
-def correct(*, completions, answers, **_):
-    """The reward function: 1.0 when the first integer of the completion is the reference answer."""
-    return [exact_match(c, a) for c, a in zip(completions, answers)]
-
-
-def prepare(out: Path, max_operand: int, tokenizer: str | None) -> str:
-    """Task files, tokenizer and tokenised data (rank 0; the other ranks wait). Returns the tokenizer folder."""
-    ready = out / "data" / "ready.json"
-    if int(os.environ.get("RANK", "0")) == 0 and not ready.exists():
-        files = write_task_files(out / "data", seed=0, max_operand=max_operand, pretrain_repeats=1)
-        tok_dir = tokenizer or str(out / "tokenizer")
-        if tokenizer is None:
-            train_tokenizer([files["sft"]], vocab_size=320, output_dir=tok_dir, show_progress=False)
-        tok = Tokenizer(tok_dir)
-        prepare_data("sft", tok, files["sft"], out / "data" / "sft_tokens", progress=False)
-        prepare_data("rl", tok, files["rl"], out / "data" / "rl_tokens", progress=False)
-        prepare_data("rl", tok, files["test"], out / "data" / "test_tokens", progress=False)
-        ready.write_text(json.dumps({"tokenizer": tok_dir}))
-    while not ready.exists():
-        time.sleep(0.5)
-    return json.loads(ready.read_text())["tokenizer"]
+from llm_trainer.quickstart.task import correct, prepare_task_data
+from llm_trainer.tokenizer import Tokenizer
 
 
 def main() -> None:
@@ -77,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
 
     out = Path(args.out)
-    tok_dir = prepare(out, args.max_operand, args.init)
+    tok_dir = prepare_task_data(out, args.max_operand, args.init)
     tok = Tokenizer(tok_dir)
     ds_config = None
     if args.zero is not None:

@@ -13,7 +13,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 3

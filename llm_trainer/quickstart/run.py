@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .evaluate import accuracy, load_test_set, sampled_reward
-from .task import exact_match, write_task_files
+from .task import correct, write_task_files
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,6 @@ SIZES = {
                            sft_steps=3, dpo_steps=2, grpo_steps=2, batch_size=8, test_limit=10),
 }
 STAGES = ("pretrain", "sft", "dpo", "grpo")
-
-
-def arithmetic_reward(*, completions, answers, **_):
-    """GRPO reward: 1 when the completion's first integer is the reference answer, else 0."""
-    return [exact_match(c, a) if a is not None else 0.0 for c, a in zip(completions, answers)]
 
 
 def _train_config(out: Path, stage: str, tokenizer_dir: Path, size: QuickstartSize, init: Path | None, **kw):
@@ -85,8 +80,8 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", size: str = "full
     test = load_test_set(files["test"])[:sz.test_limit]
     say(f"synthetic a+b task written to {out / 'data'} ({len(test)} held-out problems)")
     tok_dir = out / "tokenizer"
-    tokenizer = train_tokenizer([files["pretrain"], files["sft"]], vocab_size=384, output_dir=tok_dir,
-                                template="chatml", show_progress=False)
+    train_tokenizer([files["pretrain"], files["sft"]], vocab_size=384, output_dir=tok_dir,
+                    template="chatml", show_progress=False)
     tok = Tokenizer(tok_dir)
     say(f"tokenizer trained: vocab {tok.vocab_size}")
     data = out / "data"
@@ -142,7 +137,7 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", size: str = "full
                             file_dataset=[str(data / "rl_tokens")],
                             grpo_config=GRPOConfig(group_size=8, loss_beta=0.0, generate_config=gen))
         before = sampled_reward(LlmModel.from_pretrained(init), tok, test)
-        trainer = GRPOTrainer(train_config=cfg, reward_func=arithmetic_reward, eval_prompts=["12+7=?"])
+        trainer = GRPOTrainer(train_config=cfg, reward_func=correct, eval_prompts=["12+7=?"])
         trainer.train()
         extra = {"sampled_reward_before": before,
                  "sampled_reward_after": sampled_reward(LlmModel.from_pretrained(out / "grpo" / "final"), tok, test)}

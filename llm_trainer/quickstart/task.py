@@ -97,3 +97,34 @@ def extract_answer(text: str) -> str | None:
 
 def exact_match(completion: str, answer: str) -> float:
     return 1.0 if extract_answer(completion) == str(answer).strip() else 0.0
+
+
+def correct(*, completions, answers, **_) -> list[float]:
+    """Reward function (the ``RewardFun`` protocol): 1.0 when a completion's first integer is the reference answer."""
+    return [exact_match(c, a) if a is not None else 0.0 for c, a in zip(completions, answers)]
+
+
+def prepare_task_data(out: Path, max_operand: int = 9, tokenizer: str | None = None,
+                      stages: tuple[str, ...] = ("sft", "rl", "test")) -> str:
+    """Write the task files, train a tokenizer unless one is given, and tokenise ``stages`` into
+    ``out/data/<stage>_tokens`` ('test' is RL-format). Rank 0 does the work while the other ranks of a distributed
+    run wait for it. Returns the tokenizer folder."""
+    import os
+    import time
+
+    from ..data import prepare_data
+    from ..tokenizer import Tokenizer, train_tokenizer
+    ready = out / "data" / "ready.json"
+    if int(os.environ.get("RANK", "0")) == 0 and not ready.exists():
+        files = write_task_files(out / "data", seed=0, max_operand=max_operand, pretrain_repeats=1)
+        tok_dir = tokenizer or str(out / "tokenizer")
+        if tokenizer is None:
+            train_tokenizer([files["sft"]], vocab_size=320, output_dir=tok_dir, show_progress=False)
+        tok = Tokenizer(tok_dir)
+        for stage in stages:
+            prepare_data("rl" if stage == "test" else stage, tok, files[stage], out / "data" / f"{stage}_tokens",
+                         progress=False)
+        ready.write_text(json.dumps({"tokenizer": tok_dir}))
+    while not ready.exists():
+        time.sleep(0.5)
+    return json.loads(ready.read_text())["tokenizer"]

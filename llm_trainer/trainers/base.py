@@ -17,7 +17,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field

@@ -40,7 +40,7 @@ from ..losses.rl import (AdaptiveKLController, RunningMeanStd, gae, kl_penalized
                          ppo_policy_loss, value_loss)
 from ..optim import build_optimizer, build_param_groups
 from .base import LossOutput
-from .rollout import RLTrainer, Rollout, build_sequences, completion_logps, disable_stochasticity
+from .rollout import RLTrainer, build_sequences, completion_logps, disable_stochasticity
 
 __all__ = ["PPOTrainer", "PolicyValueModel"]
 

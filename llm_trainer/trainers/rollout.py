@@ -514,7 +514,7 @@ def finite_or_zero(x: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------ shared RL trainer
-from .base import BaseTrainer, LossOutput  # noqa: E402
+from .base import BaseTrainer  # noqa: E402
 from .images import expand_items, is_vlm, load_images, pixel_provider  # noqa: E402
 
 
@@ -804,7 +804,7 @@ class RLTrainer(BaseTrainer):
     # ------------------------------------------------------------------------------------------------ ptx
     def ptx_tensors(self, prompts: list[list[int]], answers: list[list[int] | None]) -> dict[str, torch.Tensor]:
         if any(a is None or len(a) == 0 for a in answers):
-            raise ValueError(f"ptx_coef > 0 needs reference answers (answer_ids) for every prompt of the RL data")
+            raise ValueError("ptx_coef > 0 needs reference answers (answer_ids) for every prompt of the RL data")
         seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
         L = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), L), self.pad_token_id(), dtype=torch.long)
