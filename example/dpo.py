@@ -77,9 +77,8 @@ def main() -> None:
 
     ds_config = None
     if args.zero is not None:
-        from llm_trainer.parallel import DsConfig, DsZero0Config, DsZero1Config, DsZero2Config, DsZero3Config
-        zero = {0: DsZero0Config, 1: DsZero1Config, 2: DsZero2Config, 3: DsZero3Config}[args.zero]()
-        ds_config = DsConfig(zero_config=zero)
+        from llm_trainer import DsConfig
+        ds_config = DsConfig.from_dict({"zero_config": {"stage": args.zero}})
     model_config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

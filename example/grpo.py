@@ -54,9 +54,8 @@ def main() -> None:
     tok = Tokenizer(tok_dir)
     ds_config = None
     if args.zero is not None:
-        from llm_trainer.parallel import DsConfig, DsZero0Config, DsZero1Config, DsZero2Config, DsZero3Config
-        ds_config = DsConfig(zero_config={0: DsZero0Config, 1: DsZero1Config, 2: DsZero2Config,
-                                          3: DsZero3Config}[args.zero]())
+        from llm_trainer import DsConfig
+        ds_config = DsConfig.from_dict({"zero_config": {"stage": args.zero}})
 
     init = args.init
     if init is None:                                       # short supervised warm-up of a tiny model

@@ -46,16 +46,15 @@ def main() -> None:
 
     ds_config = None
     if args.zero is not None:
-        from llm_trainer import DsConfig, DsZero0Config, DsZero1Config, DsZero2Config, DsZero3Config
-        zero = (DsZero0Config, DsZero1Config, DsZero2Config, DsZero3Config)[args.zero]()
-        ds_config = DsConfig(zero_config=zero)
+        from llm_trainer import DsConfig
+        ds_config = DsConfig.from_dict({"zero_config": {"stage": args.zero}})
     config = TrainConfig(
         model_config=ModelConfig(vocab_size=Tokenizer(tok_dir).vocab_size, hidden_size=args.hidden,
                                  num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                                  max_position_embeddings=args.block_size * 2, tie_word_embeddings=True),
         tokenizer=str(tok_dir), file_dataset=[str(tokens)], dataset_block_size=args.block_size,
         batch_size=args.batch_size, max_steps=args.steps, output_dir=str(out), ds_config=ds_config,
-        optim_config=OptimConfig(max_lr=args.lr, initial_lr=args.lr, min_lr=args.lr / 10, warmup_iters=20),
+        optim_config=OptimConfig(initial_lr=args.lr),
         pretrain_config=PretrainConfig(gradient_accumulation_steps=1),
         eval_interval=max(1, args.steps // 2), save_interval=max(1, args.steps // 2), resume_from="auto")
     Trainer(train_config=config, eval_prompts=["12+7=", "3 plus 4 is"]).train()

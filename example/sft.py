@@ -51,7 +51,7 @@ def main() -> None:
         init_weights_path=args.init, model_config=model_config, tokenizer=str(tok_dir),
         file_dataset=[str(data)], dataset_block_size=args.block_size, batch_size=args.batch_size,
         n_epochs=args.epochs, max_steps=args.max_steps, output_dir=str(out), ds_config=None,
-        optim_config=OptimConfig(max_lr=args.lr, initial_lr=args.lr, min_lr=args.lr / 10, warmup_iters=10),
+        optim_config=OptimConfig(initial_lr=args.lr),
         sft_config=SFTConfig(mask_prompt=True, packing=args.packing),
         lora=LoRAConfig(r=8, alpha=16) if args.lora else None, resume_from="auto")
     SFTTrainer(train_config=config, eval_prompts=["12+7=?", "30+41=?"]).train()

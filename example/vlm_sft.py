@@ -82,7 +82,7 @@ def main() -> None:
         init_weights_path=str(init) if init else None, model_config=model_config, tokenizer=str(tok_dir),
         file_dataset=[str(data)], dataset_block_size=256, batch_size=args.batch_size, n_epochs=args.epochs,
         max_steps=args.max_steps, output_dir=str(out / "sft"), ds_config=None, dtype="fp32",
-        optim_config=OptimConfig(max_lr=args.lr, initial_lr=args.lr, min_lr=args.lr / 10, warmup_iters=10),
+        optim_config=OptimConfig(initial_lr=args.lr),
         sft_config=SFTConfig(mask_prompt=True, freeze_llm_model=args.freeze_llm,
                              freeze_vision_encoder=args.freeze_vision),
         save_interval=None, eval_interval=10_000, log_interval=10)
