@@ -308,10 +308,10 @@ class BaseTrainer:
         keys = sorted(sums)
         ekeys = sorted(extras)
         samples = sum(self._batch_samples(b) for b in window)
-        packed = torch.tensor([loss_sum, aux_sum, 0.0, float(tokens), float(samples)]
+        packed = torch.tensor([loss_sum, aux_sum, float(tokens), float(samples)]
                               + [sums[k] for k in keys] + [extras[k] for k in ekeys], dtype=torch.float64)
         backend.all_reduce(packed)
-        loss_sum, aux_sum, _, tokens, samples = packed[:5].tolist()
+        loss_sum, aux_sum, tokens, samples = packed[:4].tolist()
         self._consecutive_skips = 0
         grad_norm = backend.clip(self.config.max_grad_norm)
         step_norm = backend.step()
@@ -325,9 +325,9 @@ class BaseTrainer:
         if aux_sum:
             stats["aux_loss"] = aux_sum / denom
         for j, key in enumerate(keys):
-            stats[key] = packed[5 + j].item() / denom
+            stats[key] = packed[4 + j].item() / denom
         for j, key in enumerate(ekeys):
-            stats[key] = packed[5 + len(keys) + j].item() / backend.world_size
+            stats[key] = packed[4 + len(keys) + j].item() / backend.world_size
         stats[f"{self.loss_unit}_per_step"] = global_units
         stats["_tokens"], stats["_samples"] = int(tokens), int(samples)
         return stats
