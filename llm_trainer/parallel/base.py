@@ -188,7 +188,12 @@ class Backend(ABC):
             raise ValueError(f"unknown reduce op {op!r}")
         if not self._dist_ready():
             return tensor
-        dist.all_reduce(tensor, op=_REDUCE_OPS.get(op, dist.ReduceOp.SUM))
+        if tensor.device != self.device and dist.get_backend() == "nccl":   # NCCL reduces device tensors only
+            moved = tensor.to(self.device)
+            dist.all_reduce(moved, op=_REDUCE_OPS.get(op, dist.ReduceOp.SUM))
+            tensor.copy_(moved)
+        else:
+            dist.all_reduce(tensor, op=_REDUCE_OPS.get(op, dist.ReduceOp.SUM))
         if op in ("mean", "avg"):
             if tensor.is_floating_point():
                 tensor.div_(self.world_size)
