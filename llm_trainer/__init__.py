@@ -27,7 +27,7 @@ _EXPORTS = {
     "SFTTrainer": "llm_trainer.trainers.sft",
     "DPOTrainer": "llm_trainer.trainers.dpo",
     "RewardTrainer": "llm_trainer.trainers.reward",
-    "RewardModel": "llm_trainer.trainers.reward",
+    "RewardModel": "llm_trainer.model.reward",
     "GRPOTrainer": "llm_trainer.trainers.grpo",
     "PPOTrainer": "llm_trainer.trainers.ppo",
     "run_pipeline": "llm_trainer.pipeline",

@@ -39,7 +39,8 @@ from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save_file as safetensors_save_file
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "begin_checkpoint", "commit_checkpoint", "capture_rng_states", "restore_rng_states",
+           "begin_checkpoint", "commit_checkpoint", "capture_rng_states", "restore_rng_states", "save_rng_states",
+           "load_rng_states",
            "save_model_state", "load_model_state"]
 
 FORMAT_VERSION = 1
@@ -122,6 +123,19 @@ def restore_rng_states(states: dict[str, Any]) -> None:
                 torch.cuda.set_rng_state(s.cpu(), i)
         else:
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+def save_rng_states(path: str | os.PathLike) -> None:
+    """Write `capture_rng_states()` to ``path`` (fsynced); `load_rng_states` reads it with ``weights_only=True``."""
+    with open(path, "wb") as f:
+        torch.save(capture_rng_states(), f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_rng_states(path: str | os.PathLike) -> dict[str, Any]:
+    """What `save_rng_states` wrote (tensors and plain values only: no unpickling of arbitrary objects)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -14,12 +14,15 @@ _EXPORTS = {
     # datasets
     "FileDataset": "datasets", "PretrainDataset": "datasets", "StreamingPretrainDataset": "datasets",
     "SFTDataset": "datasets", "DPODataset": "datasets", "RewardDataset": "datasets", "RLDataset": "datasets",
-    "ConcatFileDataset": "datasets", "open_dataset": "datasets", "IGNORE_INDEX": "datasets",
+    "ConcatFileDataset": "datasets", "open_dataset": "datasets",
     # sampler
     "ShardedSampler": "sampler",
     # collate
     "pad_sequences": "collate", "pack_sequences": "collate", "PadCollate": "collate", "PackingCollate": "collate",
-    "DPOCollate": "collate", "PromptCollate": "collate", "collate_for": "collate",
+    "DPOCollate": "collate", "PromptCollate": "collate", "collate_for": "collate", "pad_with_mask": "collate",
+    "length_mask": "collate", "IGNORE_INDEX": "collate",
+    # preference pairs
+    "PairDataset": "pairs", "PairCollate": "pairs", "validate_pairs": "pairs", "open_pair_dataset": "pairs",
     # prepare (the function is exported as `prepare_data`: `llm_trainer.data.prepare` is its module)
     "prepare_data": "prepare", "PrepareStats": "prepare",
 }
