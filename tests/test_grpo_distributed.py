@@ -58,7 +58,7 @@ def main(out_path: str, workdir: str, kind: str) -> None:
                                                  "prompts": first["prompts"], "probe": probe, "after": after, "before": before,
                                                  "backend": tr.backend.name})
         result = {"ranks": gathered, "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float))},
-                  "global_step": tr.global_step, "ref": type(tr.ref_model).__name__}
+                  "global_step": tr.global_step, "ref": type(tr.reference.frozen).__name__}
     except Exception as e:  # noqa: BLE001 - reported to the test
         import traceback
         result = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}

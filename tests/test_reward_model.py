@@ -7,7 +7,8 @@ import torch
 
 from llm_trainer import ModelConfig, OptimConfig, RewardConfig, TrainConfig
 from llm_trainer.data.formats import DataError
-from llm_trainer.trainers.reward import RewardModel, RewardTrainer, last_token_index
+from llm_trainer.model.reward import RewardModel, last_token_index
+from llm_trainer.trainers.reward import RewardTrainer
 
 MC = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
           num_key_value_heads=2, max_position_embeddings=64)

@@ -105,6 +105,10 @@ class GRPOConfig(ConfigMixin):
         _check_weights(self)
 
     @property
+    def importance_sampling_level(self) -> str:
+        return self.loss_importance_sampling_level
+
+    @property
     def clip_eps_high(self) -> float:
         return self.loss_clip_eps if self.loss_clip_eps_high is None else self.loss_clip_eps_high
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..data.collate import pad_with_mask
 from .config import ModelConfig
 from .llm import LlmModel
 
@@ -88,13 +89,7 @@ class RewardModel(nn.Module):
         out = []
         try:
             for start in range(0, len(seqs), batch_size):
-                chunk = seqs[start:start + batch_size]
-                L = max(len(s) for s in chunk)
-                ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), L), dtype=torch.long)
-                for j, s in enumerate(chunk):
-                    ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
-                    mask[j, :len(s)] = 1
+                ids, mask = pad_with_mask(seqs[start:start + batch_size], pad)
                 out.append(self(ids.to(device), mask.to(device)).float().cpu())
         finally:
             self.train(was_training)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .env import DistEnv
 
-__all__ = ["Backend", "normalize_dtype", "torch_dtype"]
+__all__ = ["Backend", "head_projection", "normalize_dtype", "torch_dtype"]
 
 _DTYPE_ALIASES = {
     "fp32": "fp32", "float32": "fp32", "float": "fp32", "32": "fp32",
@@ -68,6 +68,16 @@ def normalize_dtype(dtype: str | torch.dtype | None) -> str:
 
 def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _TORCH_DTYPES[normalize_dtype(dtype)]
+
+
+def head_projection(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``hidden -> logits`` through ``model``'s LM head: its ``lm_head`` module (LoRA and ZeRO-3 hooks apply), else
+    its tied embedding weight (``model.lm_head_weight()``)."""
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        return head
+    weight = model.lm_head_weight()
+    return lambda h: F.linear(h, weight)
 
 
 class Backend(ABC):
@@ -181,12 +191,7 @@ class Backend(ABC):
     def output_projection(self, model: torch.nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
         """Yield ``project(hidden) -> logits``: ``model``'s LM head (its ``lm_head`` module, else the tied
         embedding weight), callable on chunks of hidden states with gradients to the head."""
-        head = getattr(model, "lm_head", None)
-        if head is not None:
-            yield head
-        else:
-            weight = model.lm_head_weight()
-            yield lambda h: F.linear(h, weight)
+        yield head_projection(model)
 
     def full_state_dict(self, model: torch.nn.Module | None = None, *,
                         fp32_master: bool = False) -> dict[str, torch.Tensor]:

@@ -172,4 +172,4 @@ class GRPOTrainer(RLTrainer):
             ptx = self.ptx_loss(model, batch)
             terms["ptx"] = sc.ptx_coef * ptx
             extra["ptx_loss"] = float(ptx.detach()) / max(self.ptx_units(batch), 1)
-        return LossOutput(loss=terms, aux_loss=out.get("aux_loss"), extra=extra)
+        return LossOutput(loss=terms if len(terms) > 1 else terms[MAIN], aux_loss=out.get("aux_loss"), extra=extra)

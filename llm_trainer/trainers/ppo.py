@@ -253,7 +253,7 @@ class PPOTrainer(RLTrainer):
             ptx = self.ptx_loss(model, batch)
             terms["ptx"] = sc.ptx_coef * ptx
             extra["ptx_loss"] = float(ptx.detach()) / max(self.ptx_units(batch), 1)
-        return LossOutput(loss=terms, aux_loss=out.get("aux_loss"), extra=extra)
+        return LossOutput(loss=terms if len(terms) > 1 else terms[MAIN], aux_loss=out.get("aux_loss"), extra=extra)
 
     # --------------------------------------------------------------------------------- state / export
     def save_extra_state(self, directory: Path) -> None:

@@ -33,6 +33,7 @@ from torch import nn
 from ..data.collate import pad_with_mask
 from ..generation import GenerateConfig, generate
 from ..losses import chunked_token_logps
+from ..parallel.base import head_projection
 
 __all__ = [
     "GenerationService", "GenerationResult", "Rollout", "RolloutEngine", "completion_logps", "build_sequences",
@@ -216,17 +217,19 @@ def build_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequ
 
 
 def completion_logps(model: nn.Module, batch: dict[str, Any], temperature: float = 1.0, *,
-                     project: Callable[[torch.Tensor], torch.Tensor], with_entropy: bool = False,
+                     project: Callable[[torch.Tensor], torch.Tensor] | None = None, with_entropy: bool = False,
                      with_values: bool = False, chunk_size: int = 4096) -> dict[str, torch.Tensor]:
     """One forward pass of ``model`` on a :func:`build_sequences` batch → ``logp [B, T]`` =
     ``log softmax(logits / temperature)`` of each completion token (float32; 0 where ``completion_mask`` is 0),
     computed chunk by chunk from the hidden states through ``project`` (the backend's ``output_projection`` of the
-    policy: no ``[B, T, V]`` logits tensor), optionally ``entropy [B, T]`` (detached) and, with ``with_values``
+    policy; None → the plain model's own head: fine outside ZeRO-3) — no ``[B, T, V]`` logits tensor — optionally ``entropy [B, T]`` (detached) and, with ``with_values``
     (the model is PPO's policy+value module, called with ``return_values=True``), ``values [B, T+1]`` (column t: V
     of the state before completion token t; column ``len_i``: the state after the last token, the bootstrap value
     of a truncated completion). ``model`` may be a DDP/DeepSpeed wrapper. Every log-prob of the trainers (old,
     reference, current) goes through here, so they agree bit for bit."""
     P = int(batch["prompt_len"])
+    if project is None:
+        project = head_projection(getattr(model, "module", model))
     kw = {"return_values": True} if with_values else {}
     for key in ("pixel_values", "image_counts"):                              # VLM prompts
         if batch.get(key) is not None:
