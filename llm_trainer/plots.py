@@ -111,9 +111,10 @@ def numeric_keys(runs: Runs) -> list[str]:
 
 
 def _constant_value(runs: Runs, key: str) -> float | None:
-    """The value of ``key`` when every finite value in every run is the same (within 1e-9 relative), else None."""
+    """The value of ``key`` when it was logged at least twice and every finite value in every run is the same
+    (within 1e-9 relative), else None (a value logged once is a point worth drawing, not a constant)."""
     finite = [v for _, recs in runs for v in metric_series(recs, key)[1] if math.isfinite(v)]
-    if not finite:
+    if len(finite) < 2:
         return None
     lo, hi = min(finite), max(finite)
     return lo if hi - lo <= 1e-9 * max(1.0, abs(hi)) else None
@@ -152,7 +153,11 @@ def plan_panels(runs: Runs, keys: Sequence[str] | None = None) -> tuple[list[Pan
     if keys:
         return [_single(k) for k in keys], {}
     available = numeric_keys(runs)
+    if not available:
+        raise ValueError("no numeric metrics to plot")
     omitted = _omitted(runs, available)
+    if all(k in omitted for k in available):
+        omitted = {}  # nothing varies: then the constants are what there is to see
     groups: dict[str, Panel] = {title: Panel(title, [], dict(opts)) for title, _, opts in PANELS}
     for k in available:
         if k in omitted:
@@ -203,6 +208,7 @@ def _draw_panel(ax, runs: Runs, panel: Panel, smooth: int) -> None:
     scale = panel.options.get("scale", 1.0)
     many_runs = len(runs) > 1
     shown: list[float] = []
+    at: set[float] = set()
     for r, (label, recs) in enumerate(runs):
         for s, key in enumerate(panel.keys):
             steps, values = metric_series(recs, key)
@@ -210,6 +216,7 @@ def _draw_panel(ax, runs: Runs, panel: Panel, smooth: int) -> None:
                 continue
             values = [v * scale for v in values]
             shown += [v for v in values if math.isfinite(v)]
+            at.update(steps)
             color = f"C{(r if many_runs else s) % 10}"
             style = _LINESTYLES[s % len(_LINESTYLES)] if many_runs else "-"
             name = " · ".join(x for x in (label if many_runs else "", key if len(panel.keys) > 1 else "") if x)
@@ -235,6 +242,8 @@ def _draw_panel(ax, runs: Runs, panel: Panel, smooth: int) -> None:
         mid = (max(shown) + min(shown)) / 2
         pad = abs(mid) * 0.1 or 1.0
         ax.set_ylim(mid - pad, mid + pad)
+    if len(at) == 1:  # one logged step: a readable axis around it
+        ax.set_xlim(min(at) - 1, min(at) + 1)
     if any(line.get_label() and not line.get_label().startswith("_") for line in ax.get_lines()):
         ax.legend(fontsize=7, framealpha=0.6)
 
@@ -254,8 +263,6 @@ def _footer(omitted: dict[str, str]) -> str:
 def metrics_figure(runs: Runs, keys: Sequence[str] | None = None, smooth: int = 1):
     """The figure :func:`plot_metrics` saves, to inspect or save elsewhere. Each axes' title is its panel's."""
     panels, omitted = plan_panels(runs, keys)
-    if not panels:
-        raise ValueError("no metric varies: nothing to plot" + (f" ({_footer(omitted)})" if omitted else ""))
     nrows, ncols, size = _grid(len(panels))
     fig = _new_figure(size)
     for i, panel in enumerate(panels):
@@ -273,8 +280,6 @@ def plot_metrics(runs: Runs, out: str | Path, keys: Sequence[str] | None = None,
     otherwise a directory with one ``<panel>.png`` per panel. Returns the files written."""
     if smooth < 1:
         raise ValueError(f"smooth must be >= 1 (1 = raw values only), got {smooth}")
-    if not numeric_keys(runs):
-        raise ValueError("no numeric metrics to plot")
     out = Path(out)
     if out.suffix.lower() == ".png":
         fig = metrics_figure(runs, keys, smooth)

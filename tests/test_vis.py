@@ -48,7 +48,9 @@ def _titles(fig) -> list[str]:
 
 
 def _footer(fig) -> str:
-    return fig.get_supxlabel() if hasattr(fig, "get_supxlabel") else fig._supxlabel.get_text()
+    if hasattr(fig, "get_supxlabel"):                                # matplotlib >= 3.8
+        return fig.get_supxlabel()
+    return fig._supxlabel.get_text() if fig._supxlabel is not None else ""
 
 
 def test_language_model_run_raw_by_default_constants_listed_not_drawn(tmp_path):
@@ -94,6 +96,17 @@ def test_a_series_constant_in_one_run_but_not_another_is_kept_and_copies_are_dro
 def distinct_tokens(completion_ids, answer_ids):
     """A reward that varies from the first rollout on (a random policy's completions differ in it)."""
     return [len(set(c)) / 3 for c in completion_ids]
+
+
+def test_a_single_record_or_a_run_where_nothing_varies_is_still_drawn(tmp_path):
+    one = [{"step": 2, "loss": 1.5, "lr": 2e-5}]
+    fig = metrics_figure([("one", one)])
+    assert _titles(fig) == ["loss", "lr"] and not _footer(fig)      # a value logged once is a point, not a constant
+    assert fig.axes[0].get_xlim() == (1.0, 3.0)
+    flat = [{"step": s, "loss": 1.5, "lr": 2e-5} for s in range(1, 5)]
+    assert _titles(metrics_figure([("flat", flat)])) == ["loss", "lr"]   # nothing varies: the constants are shown
+    with pytest.raises(ValueError, match="no numeric metrics"):
+        metrics_figure([("empty", [{"step": 1, "note": "x"}])])
 
 
 @pytest.fixture(scope="module")
