@@ -55,7 +55,7 @@ PANELS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("loss terms", r"loss/.+|(policy|value|kd|lm|ptx)_loss", {}),
     (_OTHER, r"(?!)", {}),
     ("learning rate", r"lr|.+/lr", {"sci": True}),
-    ("throughput (per second, log scale)", r"tokens_per_s|samples_per_s", {"log": True}),
+    ("throughput (per second)", r"tokens_per_s|samples_per_s", {"log": True}),
     ("seconds per phase", r"time/.+", {}),
     ("peak memory", r"peak_mem", {"scale": 2.0 ** -30, "unit": "GiB"}),
 )
@@ -99,13 +99,13 @@ def metric_series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[flo
     return steps, [by_step[s] for s in steps]
 
 
-def numeric_keys(runs: Runs) -> list[str]:
-    """Every numeric metric of the runs, in first-seen order (bookkeeping fields excluded)."""
+def numeric_keys(runs: Runs, skip: Sequence[str] | frozenset[str] = SKIP_KEYS) -> list[str]:
+    """Every numeric metric of the runs, in first-seen order, except ``skip`` (default: the bookkeeping fields)."""
     keys: dict[str, None] = {}
     for _, recs in runs:
         for r in recs:
             for k, v in r.items():
-                if k not in SKIP_KEYS and _is_number(v):
+                if k not in skip and _is_number(v):
                     keys.setdefault(k, None)
     return list(keys)
 
@@ -122,21 +122,24 @@ def _constant_value(runs: Runs, key: str) -> float | None:
 
 def _omitted(runs: Runs, keys: list[str]) -> dict[str, str]:
     """Metrics not worth a line, with what they equal: constant ones (``"= 0.002"``), ones that are an exact copy of
-    another metric in every run (``"= reward/mean"``: one reward function's mean is the total) and ones with no
-    finite value. Of two copies the one of the earlier panel is kept, then the name with fewer ``/`` parts."""
+    another metric in every run that logs them (``"= reward/mean"``: one reward function's mean is the total) and
+    ones with no finite value. Of two copies the one of the earlier panel is kept, then the name with fewer ``/``
+    parts."""
     omitted: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
+    kept: dict[str, list[tuple]] = {}
     for k in sorted(keys, key=lambda k: (_panel_index(k), k.count("/"))):  # stable: else first-seen order
         value = _constant_value(runs, k)
-        series = tuple(tuple(map(tuple, metric_series(recs, k))) for _, recs in runs)
+        series = [tuple(map(tuple, metric_series(recs, k))) for _, recs in runs]
+        original = next((j for j, other in kept.items()
+                         if all(not s[0] or s == o for s, o in zip(series, other))), None)
         if value is not None:
             omitted[k] = f"= {value:.4g}"
-        elif not any(math.isfinite(v) for run in series for v in run[1]):
+        elif not any(math.isfinite(v) for s in series for v in s[1]):
             omitted[k] = "= nan"
-        elif series in seen:
-            omitted[k] = f"= {seen[series]}"
+        elif original is not None:
+            omitted[k] = f"= {original}"
         else:
-            seen[series] = k
+            kept[k] = series
     return {k: omitted[k] for k in keys if k in omitted}
 
 

@@ -166,6 +166,8 @@ def test_vis_log_runs_overlaid_per_key_dir(tmp_path):
                     "--out", str(out)]) == 0
     for key in ("loss", "lr", "eval_loss"):
         assert_png(out / f"{key}.png")
+    assert vis_log([str(a), "--keys", "time", "--out", str(out / "time.png")]) == 0   # bookkeeping, asked for
+    assert_png(out / "time.png")
     assert b.exists()
 
 

@@ -62,7 +62,7 @@ def vis_log(argv: Sequence[str] | None = None) -> int:
         print("vis_log: no metric records found in " + ", ".join(map(str, paths)), file=sys.stderr)
         return 1
     if args.keys:
-        available = set(numeric_keys(runs))
+        available = set(numeric_keys(runs, skip=("step",)))   # asked for by name: counters and clocks too
         missing = [k for k in args.keys if k not in available]
         if missing:
             print(f"vis_log: no values for {missing}; available: {sorted(available)}", file=sys.stderr)
