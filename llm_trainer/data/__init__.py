@@ -10,7 +10,7 @@ import importlib
 _EXPORTS = {
     # formats
     "DataError": "formats", "token_dtype": "formats", "open_token_array": "formats", "IndexedWriter": "formats",
-    "IndexedData": "formats", "NpyWriter": "formats", "MappedArray": "formats",
+    "IndexedData": "indexed", "NpyWriter": "formats", "MappedArray": "formats",
     # datasets
     "FileDataset": "datasets", "PretrainDataset": "datasets", "StreamingPretrainDataset": "datasets",
     "SFTDataset": "datasets", "DPODataset": "datasets", "RewardDataset": "datasets", "RLDataset": "datasets",

@@ -133,6 +133,27 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> LlmMo
 
 
 # ---------------------------------------------------------------------------------------------------- writing
+def current_umask() -> int:
+    """The process's file-mode creation mask: read from ``/proc/self/status`` where Linux has it (the mask is never
+    changed, not even briefly); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_file_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open(path, "w")`` gives: ``0o666 & ~umask``. The ``safetensors`` writer
+    creates its files owner-only (0600), which would lock the group and others out of a shared model folder."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -172,6 +193,7 @@ def save_pretrained(
     try:
         for name, shard in zip(names, shards):
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            set_default_file_mode(tmp / name)
         written = list(names)
         if n > 1:
             index = {

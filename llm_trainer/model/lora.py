@@ -236,6 +236,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
     values (merging does not change A/B). Returns the directory."""
     from safetensors.torch import save_file
 
+    from .hf import set_default_file_mode
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {_PEFT_PREFIX + k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
@@ -244,6 +245,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
                 "base_model_name_or_path": base_model_name_or_path, "inference_mode": True})
     tmp = d / (ADAPTER_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    set_default_file_mode(tmp)
     os.replace(tmp, d / ADAPTER_WEIGHTS)
     (d / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     return str(d)

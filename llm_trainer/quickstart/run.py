@@ -146,7 +146,7 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", size: str = "full
 
 def _plots(out: Path, stages: list[str]) -> None:
     """One PNG per stage (a panel per logged metric) next to its ``metrics.jsonl``."""
-    from ..cli.vis import plot_metrics
+    from ..plots import plot_metrics
     from ..metrics import read_metrics
     for stage in stages:
         log = out / stage / "metrics.jsonl"
