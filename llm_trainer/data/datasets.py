@@ -28,13 +28,12 @@ from torch.utils.data import Dataset, IterableDataset
 
 from llm_trainer.data.formats import (DataError, MappedArray, first_out_of_range, load_legacy, open_token_array,
                                       out_of_range_reason, read_npy_header)
+from llm_trainer.data.collate import IGNORE_INDEX
 from llm_trainer.data.indexed import IndexedData
 from llm_trainer.data.provenance import check_tokenizer, read_flat_meta
 
 __all__ = ["FileDataset", "PretrainDataset", "StreamingPretrainDataset", "SFTDataset", "DPODataset",
-           "RewardDataset", "RLDataset", "ConcatFileDataset", "open_dataset", "IGNORE_INDEX"]
-
-IGNORE_INDEX = -100
+           "RewardDataset", "RLDataset", "ConcatFileDataset", "open_dataset"]
 
 
 class FileDataset:

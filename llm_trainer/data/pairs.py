@@ -115,10 +115,10 @@ class PairCollate:
         return out
 
 
-def open_pair_dataset(files: Any, block_size: int | None, vocab_size: int | None):
+def open_pair_dataset(files: Any, block_size: int | None, vocab_size: int | None, tokenizer: Any = None):
     """A dataset object (anything with ``__getitem__`` returning pair dicts, e.g. a list) is used as given;
-    paths go through ``open_dataset('dpo', ...)``."""
+    paths go through ``open_dataset('dpo', ...)`` (checked against ``tokenizer`` when given)."""
     if isinstance(files, Dataset) or (isinstance(files, (list, tuple)) and files and isinstance(files[0], dict)):
         return files
     from .datasets import open_dataset
-    return open_dataset("dpo", files, block_size, vocab_size=vocab_size)
+    return open_dataset("dpo", files, block_size, vocab_size=vocab_size, tokenizer=tokenizer)

@@ -107,7 +107,7 @@ class RewardModel(nn.Module):
         """HF-format backbone folder + ``reward_head.safetensors`` + ``reward_config.json``."""
         from safetensors.torch import save_file
 
-        from .hf import save_pretrained
+        from .hf import save_pretrained, set_default_file_mode
         path = Path(path)
         sd = self.state_dict() if state_dict is None else state_dict
         backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
@@ -115,6 +115,7 @@ class RewardModel(nn.Module):
                 if k.startswith("score_head.")}
         save_pretrained(self.backbone, path, state_dict=backbone)
         save_file(head, str(path / HEAD_FILE), metadata={"format": "pt"})
+        set_default_file_mode(path / HEAD_FILE)
         (path / REWARD_CONFIG_FILE).write_text(json.dumps({"head": "linear", "num_labels": 1,
                                                            "pooling": "last_token"}, indent=2))
         return path

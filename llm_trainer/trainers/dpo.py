@@ -61,7 +61,7 @@ class PairwiseTrainer(BaseTrainer):
         return False
 
     def build_dataset(self, files: Any, split: str):
-        base = open_pair_dataset(files, self.config.block_size, self.model_config.vocab_size)
+        base = open_pair_dataset(files, self.config.block_size, self.model_config.vocab_size, self.tokenizer)
         ds = PairDataset(base, np.arange(len(base)), train_prompt=self.train_prompt())
         keep, bad = validate_pairs(base, skip=self.skip_bad_pairs(), name=split, transform=ds.transform,
                                    flag=self.skip_bad_pairs_flag)

@@ -42,6 +42,7 @@ from ..optim import build_optimizer, build_param_groups
 from .base import MAIN, LossOutput
 from .rl import RLTrainer
 from .rollout import build_sequences, disable_stochasticity
+from ..model.hf import set_default_file_mode
 from .setup import build_model, export_model, write_model_folder
 
 __all__ = ["PPOTrainer", "PolicyValueModel"]
@@ -281,6 +282,7 @@ class PPOTrainer(RLTrainer):
             vdir.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("policy.")},
                       str(vdir / "model.safetensors"))
+            set_default_file_mode(vdir / "model.safetensors")
 
         return export_model(self.backend, self.model, self.output_dir / "final", self.tokenizer, write=write,
                             adapters=lambda plain: plain.policy)

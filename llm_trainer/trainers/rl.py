@@ -105,7 +105,8 @@ class RLTrainer(BaseTrainer):
         if isinstance(files, (list, tuple)) and files and isinstance(files[0], dict):
             return _ListDataset(list(files))
         from ..data.datasets import open_dataset
-        return open_dataset("rl", files, self.config.block_size, vocab_size=self.model_config.vocab_size)
+        return open_dataset("rl", files, self.config.block_size, vocab_size=self.model_config.vocab_size,
+                            tokenizer=self.tokenizer)
 
     def build_collate(self):
         return PromptCollate()

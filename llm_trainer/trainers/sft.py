@@ -29,7 +29,8 @@ class SFTTrainer(LanguageModelingTrainer):
         return model
 
     def build_dataset(self, files: Any, split: str):
-        return open_dataset("sft", files, self.config.block_size, vocab_size=self.model_config.vocab_size)
+        return open_dataset("sft", files, self.config.block_size, vocab_size=self.model_config.vocab_size,
+                            tokenizer=self.tokenizer)
 
     def build_collate(self):
         return collate_for("sft", self.pad_token_id(), packing=self.stage_config.packing,
