@@ -243,3 +243,10 @@ def test_every_config_field_has_a_docstring():
                             and isinstance(nxt.value.value, str) and nxt.value.value.strip()):
                         missing.append(f"{node.name}.{stmt.target.id}")
     assert not missing, f"config fields without a docstring: {missing}"
+
+
+def test_schedule_fields_turn_the_schedule_on_and_an_explicit_off_raises():
+    assert OptimConfig(initial_lr=1e-4).enable_lr_scheduler is False
+    assert OptimConfig(initial_lr=1e-5, max_lr=1e-3, warmup_iters=5).enable_lr_scheduler is True
+    with pytest.raises(ValueError, match="enable_lr_scheduler.*max_lr, warmup_iters are set and would be ignored"):
+        OptimConfig(initial_lr=1e-5, max_lr=1e-3, warmup_iters=5, enable_lr_scheduler=False)

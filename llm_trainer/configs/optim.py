@@ -7,6 +7,7 @@ from ..config_io import ConfigMixin
 from ..validation import check, int_ge, is_int, is_num, num_ge, one_of, prob
 
 OPTIM_TYPES = ("adam", "adamw", "lion")
+_SCHEDULE_FIELDS = ("max_lr", "min_lr", "warmup_iters", "warmup_ratio", "cosine_annealing_period")
 
 
 @dataclass(kw_only=True)
@@ -63,8 +64,9 @@ class OptimConfig(ConfigMixin):
     """(beta1, beta2) (None → (0.9, 0.95) for AdamW, (0.9, 0.99) for Lion)."""
     eps: float = 1e-8
     """AdamW's epsilon."""
-    enable_lr_scheduler: bool = False
-    """Warmup + cosine schedule; False → constant initial_lr."""
+    enable_lr_scheduler: bool | None = None
+    """Warmup + cosine schedule; False → constant initial_lr; None → on exactly when a schedule field (max_lr,
+    min_lr, warmup_iters, warmup_ratio, cosine_annealing_period) is set. False with a schedule field set raises."""
     cosine_annealing_period: int | None = None
     """Updates per cosine cycle (None → one cycle over the rest of training)."""
     cosine_annealing_period_mul: float = 0
@@ -75,6 +77,12 @@ class OptimConfig(ConfigMixin):
     def __post_init__(self) -> None:
         n = "OptimConfig"
         one_of(self, "optim_type", OPTIM_TYPES)
+        schedule = [f for f in _SCHEDULE_FIELDS if getattr(self, f) is not None]
+        if self.enable_lr_scheduler is None:
+            self.enable_lr_scheduler = bool(schedule)
+        check(self.enable_lr_scheduler or not schedule, f"{n}.enable_lr_scheduler", self.enable_lr_scheduler,
+              f"is False but {', '.join(schedule)} {'is' if len(schedule) == 1 else 'are'} set and would be ignored "
+              f"(the rate would stay at initial_lr); leave enable_lr_scheduler unset or True, or drop them")
         num_ge(self, "initial_lr", 0.0)
         if not self.enable_lr_scheduler:
             check(self.initial_lr > 0, f"{n}.initial_lr", self.initial_lr, "must be > 0 when the scheduler is off")

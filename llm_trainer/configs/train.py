@@ -90,7 +90,13 @@ class TrainConfig(ConfigMixin):
     max_steps: int | None = None
     """Stop after this many optimizer steps (None → n_epochs)."""
     resume_from: str | None = None
-    """None (start fresh), 'auto' (latest complete checkpoint in output_dir, fresh if none) or a checkpoint path."""
+    """None (start fresh), 'auto' (the newest intact checkpoint in output_dir, fresh if none) or a checkpoint path."""
+    overwrite_output_dir: bool = False
+    """Start fresh in an output_dir that holds an earlier run (its checkpoints and metrics are deleted); without it
+    such a run is refused."""
+    reshard_on_resume: bool = False
+    """Allow resuming a checkpoint written with another world size or batch size: the data position is re-sharded
+    by global sample index (up to one global batch is seen twice; torch backends only)."""
     keep_last_checkpoints: int | None = 2
     """Checkpoints kept in output_dir (None → all)."""
     max_grad_norm: float | None = 1.0

@@ -85,6 +85,7 @@ class Backend(ABC):
 
     name: str = "base"
     can_discard_gradients: bool = True   # zero_grad() after backward without step() drops the window
+    can_load_other_world_size: bool = True   # save() writes full, unpartitioned state any world size can load
 
     def __init__(self, env: DistEnv, device: torch.device, dtype: str | torch.dtype | None = "fp32") -> None:
         self.env = env

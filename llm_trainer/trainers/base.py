@@ -41,6 +41,7 @@ from ..scheduler import WarmupCosineScheduler
 from .checkpointing import CheckpointingMixin
 from .collective import even_batches, rank_shard
 from .images import eval_generation_inputs, pixel_provider
+from .summary import format_closing, format_summary
 from .setup import (build_backend, build_model, build_tokenizer, check_trainable, export_model, lora_target,
                     resolve_model_config)
 
@@ -115,6 +116,7 @@ class BaseTrainer(CheckpointingMixin):
         cfg = self.config
         self.backend = build_backend(cfg.ds_config, cfg.dtype, cfg.output_dir)
         self.device = self.backend.device
+        self.prepare_output_dir()
         seed_everything(cfg.seed)                       # identical model init on every rank
         self.tokenizer = build_tokenizer(cfg.tokenizer)
         self.model_config = resolve_model_config(cfg.model_config, cfg.init_weights_path, cfg.loss_config)
@@ -139,6 +141,7 @@ class BaseTrainer(CheckpointingMixin):
                                      resume_step=self.global_step if self.resumed_from else None,
                                      config=_safe_config_dict(cfg))
         self._peak_flops = peak_flops_for_device(self.device)
+        self.metrics.print(format_summary(self))
 
     # ------------------------------------------------------------------------------------------------ hooks
     def build_model(self) -> torch.nn.Module:
@@ -272,7 +275,8 @@ class BaseTrainer(CheckpointingMixin):
         """Run until ``max_steps`` / ``n_epochs``; returns the last logged metrics."""
         cfg = self.config
         last: dict[str, Any] = {}
-        t_log, tokens_log, samples_log = time.monotonic(), 0, 0
+        t_start = t_log = time.monotonic()
+        tokens_log, samples_log = 0, 0
         try:
             for window in self.training_windows():
                 stats = self.train_step(window)
@@ -297,7 +301,8 @@ class BaseTrainer(CheckpointingMixin):
                 self.save_checkpoint()
             if cfg.eval_interval and self.global_step % cfg.eval_interval != 0:
                 last.update(self.evaluate())
-            self.export()
+            final = self.export()
+            self.metrics.print(format_closing(self, last, time.monotonic() - t_start, final))
         finally:
             self.metrics.close()
         return last
