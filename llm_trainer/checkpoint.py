@@ -335,13 +335,25 @@ def begin_checkpoint(output_dir: str | os.PathLike, step: int, needed_bytes: int
     return tmp
 
 
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) is "no space left on device" — also from writers such as safetensors
+    that do not raise OSError."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def abort_checkpoint(tmp: str | os.PathLike, error: BaseException | None = None) -> None:
-    """Remove a half-written temporary checkpoint folder; with an ENOSPC ``error``, raise
+    """Remove a half-written temporary checkpoint folder; when ``error`` is a full disk, raise
     :class:`CheckpointSpaceError` naming the folder and the bytes it had written."""
     tmp = Path(tmp)
     written = checkpoint_size(tmp) if tmp.is_dir() else 0
     shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    if is_disk_full(error):
         free = shutil.disk_usage(tmp.parent).free
         raise CheckpointSpaceError(f"the disk of {tmp.parent} filled up while writing {tmp.name} ({written:,} bytes "
                                    f"written, {free:,} free); the partial checkpoint was removed and the last "

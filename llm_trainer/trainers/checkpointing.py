@@ -80,7 +80,7 @@ class CheckpointingMixin:
             self.save_extra_state(tmp)
             if backend.is_main:
                 (tmp / TRAINER_STATE_FILE).write_text(json.dumps(self.trainer_state(), indent=2))
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - every rank must learn that the save failed
             error = e
         failed = torch.tensor([0.0 if error is None else 1.0])
         if float(backend.all_reduce(failed, "max")[0]) > 0:
