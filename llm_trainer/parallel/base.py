@@ -188,11 +188,11 @@ class Backend(ABC):
         """A frozen model for inference next to the trained one (DPO/GRPO/PPO reference, KD teacher).
 
         Exactly one of ``source`` -- a module whose CURRENT weights are copied (the plain trained module or its
-        wrapper; e.g. the initial policy) -- and ``build`` -- a zero-argument callable that constructs a module and
-        loads its weights, called inside :meth:`model_init_context` (e.g. ``lambda: load_weights(new_model(cfg),
-        path)``). Returns a module in eval mode with ``requires_grad=False`` everywhere and gradient
-        checkpointing off, on this backend's device, its floating-point parameters in the dtype the backend's
-        forward runs in (torch backends: fp32 + :meth:`autocast`; DeepSpeed: the engine's dtype). Call it like
+        wrapper; e.g. the initial policy) -- and ``build`` -- a zero-argument callable that constructs a module,
+        loads its weights and returns the module, called inside :meth:`model_init_context` (a teacher, or a
+        reference from another path). Returns a module in eval mode with ``requires_grad=False`` everywhere and
+        gradient checkpointing off, on this backend's device, its floating-point parameters in the dtype the
+        backend's forward runs in (torch backends: fp32 + :meth:`autocast`; DeepSpeed: the engine's dtype). Call it like
         the trained model (same kwargs, same output object). Torch backends and ZeRO 0-2: a plain module (a
         hook-free detached deep copy of ``source``, or what ``build`` made; no wrapper, it is never trained).
         ZeRO-3 overrides this with a partitioned inference engine. Collective: every rank calls it."""
