@@ -21,8 +21,12 @@ loss -- uneven token counts per rank or per micro-batch are weighted correctly. 
 average over ranks (DDP and DeepSpeed do by default; see ddp.py and deepspeed.py for how each undoes it) and must
 not divide by the number of accumulation steps (DeepSpeed does by default).
 
-Collectives: ``all_reduce``, ``broadcast_object``, ``barrier``, ``full_state_dict``, ``save``, ``load`` and
-entering/leaving ``gathered_for_generation`` must be called by every rank.
+Frozen models (reference, teacher) come from ``frozen_replica``; chunked log-probs project hidden states through
+``output_projection``. Trainers never ask which backend or ZeRO stage they run on.
+
+Collectives: ``all_reduce``, ``broadcast_object``, ``barrier``, ``full_state_dict``, ``save``, ``load``,
+``frozen_replica``, entering ``output_projection`` and entering/leaving ``gathered_for_generation`` must be called
+by every rank.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .env import DistEnv
+from .frozen import (built_module, cast_floating_params, check_replica_args, detached_copy, freeze,
+                     head_parameters)
 
 __all__ = ["Backend", "head_projection", "normalize_dtype", "torch_dtype"]
 
@@ -117,9 +123,15 @@ class Backend(ABC):
         return (f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size}, device={self.device}, "
                 f"dtype={self.dtype})")
 
+    @property
+    def description(self) -> str:
+        """One line for the launch banner, e.g. ``ddp/gloo, fp32, cpu``."""
+        return f"{self.name}, {self.dtype}, {self.device.type}"
+
     # -- model lifecycle --------------------------------------------------------------------------------------
-    def model_init_context(self) -> contextlib.AbstractContextManager:
-        """Context to construct the model in (ZeRO-3: partitioned at construction). Default: nothing special."""
+    def model_init_context(self, hidden_size: int | None = None) -> contextlib.AbstractContextManager:
+        """Context to construct the model in (ZeRO-3: partitioned at construction, ``hidden_size`` resolves its
+        'auto' sizes). Default: nothing special."""
         return contextlib.nullcontext()
 
     @abstractmethod
@@ -206,6 +218,48 @@ class Backend(ABC):
         self.barrier()
         return sd
 
+    # -- frozen models and the output projection ----------------------------------------------------------
+    def frozen_replica(self, *, source: torch.nn.Module | None = None,
+                       build: Callable[[], torch.nn.Module] | None = None) -> torch.nn.Module:
+        """A frozen model for inference next to the trained one (DPO/GRPO/PPO reference, KD teacher).
+
+        Exactly one of ``source`` -- a module whose CURRENT weights are copied (the plain trained module or its
+        wrapper; e.g. the initial policy) -- and ``build`` -- a zero-argument callable that constructs a module,
+        loads its weights and returns the module, called inside :meth:`model_init_context` (a teacher, or a
+        reference from another path). Returns a module in eval mode with ``requires_grad=False`` everywhere and
+        gradient checkpointing off, on this backend's device, its floating-point parameters in the dtype the
+        backend's forward runs in (torch backends: fp32 + :meth:`autocast`; DeepSpeed: the engine's dtype). Call it like
+        the trained model (same kwargs, same output object). Torch backends and ZeRO 0-2: a plain module (a
+        hook-free detached deep copy of ``source``, or what ``build`` made; no wrapper, it is never trained).
+        ZeRO-3 overrides this with a partitioned inference engine. Collective: every rank calls it."""
+        check_replica_args(source, build)
+        replica = detached_copy(self.unwrap(source)) if source is not None else built_module(build)
+        freeze(replica)
+        cast_floating_params(replica, self.frozen_param_dtype())
+        return replica.to(self.device)
+
+    def frozen_param_dtype(self) -> torch.dtype:
+        """Parameter dtype of frozen replicas: torch backends keep fp32 parameters and autocast the forward."""
+        return torch.float32
+
+    @contextlib.contextmanager
+    def output_projection(self, model: torch.nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """Yield ``project(hidden [..., H]) -> logits [..., V]``: the LM head of ``model`` (``model.lm_head``, or
+        the tied embedding weight via ``model.lm_head_weight()``) applied to final hidden states, for chunked
+        log-probs without a full ``[B, S, V]`` logits tensor. ``model`` is the language model itself (its
+        wrapper is unwrapped): ``PolicyValueModel.policy``, a ``VlmModel``, a frozen replica.
+
+        ``project`` may be called any number of times inside the context (different numbers of chunks on
+        different ranks are fine: it runs no collective) and also later, by activation-checkpoint recomputation
+        in backward. Gradients reach the head weight (for tied embeddings, summed with the embedding's own) as
+        the full-logits forward would give them. With DDP or ZeRO, the loss on every rank must depend on at
+        least one ``project`` output (project an empty ``[0, H]`` chunk when a rank has no token), or the head's
+        gradient would be missing from the all-reduce on that rank. Call it inside :meth:`autocast` like the
+        forward. Collective under ZeRO-3 (every rank enters); here: the parameters themselves."""
+        weight, bias = head_parameters(self.unwrap(model))
+        yield lambda hidden: F.linear(hidden, weight, bias)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
     @abstractmethod
     def save(self, directory: str, client_state: dict | None = None) -> None:
         """Write a resumable checkpoint (model + optimizer [+ scaler] + client_state) into ``directory``."""

@@ -63,6 +63,10 @@ class DDPBackend(_TorchOptimBackend):
     def _dist_ready(self) -> bool:
         return dist.is_initialized()
 
+    @property
+    def description(self) -> str:
+        return f"ddp/{self.dist_backend}, {self.dtype}, {self.device.type}"
+
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,
              micro_batch_size: int = 1, grad_accum: int = 1, grad_clip: float | None = None,
              **kwargs: Any) -> torch.nn.Module:
