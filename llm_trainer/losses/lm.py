@@ -182,14 +182,15 @@ def _select_valid(hidden: Tensor, labels: Tensor, token_weights, ignore_index: i
     return h, y, w, idx
 
 
-def _zero_with_graph(*tensors) -> Tensor:
-    """0.0 that depends on every tensor (zero gradients everywhere, graph kept for DDP/ZeRO hooks)."""
-    out = None
-    for t in tensors:
-        if t is None:
-            continue
-        z = t.sum().float() * 0.0
-        out = z if out is None else out + z
+def _zero_with_graph(hidden: Tensor, head, bias: Tensor | None = None) -> Tensor:
+    """0.0 that depends on the hidden states and the head (zero gradients everywhere, graph kept for DDP/ZeRO
+    hooks); a projection callable is applied to an empty chunk, so every rank's loss still touches the head."""
+    out = hidden.sum().float() * 0.0
+    if callable(head) and not isinstance(head, Tensor):
+        return out + head(hidden.reshape(-1, hidden.size(-1))[:0]).float().sum()
+    for t in (head, bias):
+        if t is not None:
+            out = out + t.sum().float() * 0.0
     return out
 
 

@@ -79,11 +79,8 @@ def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 def head_projection(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``hidden -> logits`` through ``model``'s LM head: its ``lm_head`` module (LoRA and ZeRO-3 hooks apply), else
     its tied embedding weight (``model.lm_head_weight()``)."""
-    head = getattr(model, "lm_head", None)
-    if head is not None:
-        return head
-    weight = model.lm_head_weight()
-    return lambda h: F.linear(h, weight)
+    weight, bias = head_parameters(model)
+    return lambda h: F.linear(h, weight, bias)
 
 
 class Backend(ABC):
@@ -181,30 +178,6 @@ class Backend(ABC):
     def gathered_for_generation(self, model: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
         """Yield a plain module with full weights for generation/eval (collective under ZeRO-3)."""
         yield self.unwrap(model)
-
-    def frozen_replica(self, *, source: torch.nn.Module | None = None,
-                       build: Callable[[], torch.nn.Module] | None = None) -> torch.nn.Module:
-        """A frozen model (eval mode, no gradients) for reference/teacher forward passes: a copy of ``source``'s
-        current weights, or what ``build()`` constructs (called inside :meth:`model_init_context`). Collective."""
-        if (source is None) == (build is None):
-            raise ValueError("frozen_replica needs exactly one of source= or build=")
-        if source is not None:
-            module = copy.deepcopy(self.unwrap(source))
-        else:
-            with self.model_init_context():
-                module = build()
-        module.eval()
-        for p in module.parameters():
-            p.requires_grad_(False)
-        if hasattr(module, "set_gradient_checkpointing"):
-            module.set_gradient_checkpointing(False)
-        return module.to(self.device)
-
-    @contextlib.contextmanager
-    def output_projection(self, model: torch.nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-        """Yield ``project(hidden) -> logits``: ``model``'s LM head (its ``lm_head`` module, else the tied
-        embedding weight), callable on chunks of hidden states with gradients to the head."""
-        yield head_projection(model)
 
     def full_state_dict(self, model: torch.nn.Module | None = None, *,
                         fp32_master: bool = False) -> dict[str, torch.Tensor]:

@@ -59,6 +59,7 @@ class DeepSpeedBackend(Backend):
 
     name = "deepspeed"
     can_discard_gradients = False
+    can_load_other_world_size = False   # ZeRO shards optimizer (stage 3: parameter) state per rank
 
     def __init__(self, ds_config: DsConfig | None = None, dtype: str | torch.dtype | None = None,
                  env: DistEnv | None = None, run_dir: str | None = None, dist_backend: str | None = None) -> None:
@@ -379,16 +380,6 @@ class DeepSpeedBackend(Backend):
             raise ValueError(f"DeepSpeed checkpoint in {directory!r} was not written by DeepSpeedBackend.save "
                              f"(no {_CLIENT_KEY!r} entry)")
         return client_state[_CLIENT_KEY]
-
-    # -- TEMPORARY: the names trainers/dpo.py, ppo.py and rollout.py still use; delete once they call
-    # frozen_replica / output_projection (nothing on a backend is called `stage`: that is the trainer's).
-    @property
-    def stage(self) -> int:
-        return self.zero_stage
-
-    def build_ds_dict(self, micro_batch_size: int = 1, grad_accum: int = 1, grad_clip: float | None = None,
-                      hidden_size: int | None = None) -> dict:
-        return self._ds_dict(micro_batch_size, grad_accum, grad_clip, hidden_size)
 
     def close(self) -> None:
         if self.engine is not None and hasattr(self.engine, "destroy"):
