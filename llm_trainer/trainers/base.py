@@ -205,13 +205,19 @@ class BaseTrainer(CheckpointingMixin):
             raise ValueError(f"TrainConfig.file_dataset: no samples in {cfg.file_dataset!r}")
         self.sampler = ShardedSampler(len(self.train_dataset), rank=self.backend.rank,
                                       world_size=self.backend.world_size, seed=cfg.seed,
-                                      shuffle=cfg.data_loader_config.shuffle, drop_last=True)
+                                      shuffle=cfg.data_loader_config.shuffle,
+                                      drop_last=cfg.data_loader_config.drop_last)
+
+    def micro_batches_per_epoch(self) -> int:
+        """This rank's micro-batches per epoch (``drop_last=False``: the last one may be smaller)."""
+        n, b = len(self.sampler), self.config.batch_size
+        return n // b if self.config.data_loader_config.drop_last else -(-n // b)
 
     def steps_per_epoch(self) -> int:
         if self.sampler is None:
             return 0                                   # a stream's length is unknown
-        micro = len(self.sampler) // self.config.batch_size
-        return micro // self.grad_accum
+        micro = self.micro_batches_per_epoch()
+        return micro // self.grad_accum if self.config.data_loader_config.drop_last else -(-micro // self.grad_accum)
 
     def compute_total_steps(self) -> int:
         if self.sampler is None:
@@ -238,11 +244,11 @@ class BaseTrainer(CheckpointingMixin):
             return torch.utils.data.DataLoader(stream, batch_size=self.config.batch_size, collate_fn=self.collate,
                                                num_workers=dl.num_workers, pin_memory=dl.pin_memory, drop_last=True)
         sampler = ShardedSampler(len(dataset), rank=self.backend.rank, world_size=self.backend.world_size,
-                                 seed=self.config.seed, shuffle=dl.shuffle, drop_last=True)
+                                 seed=self.config.seed, shuffle=dl.shuffle, drop_last=dl.drop_last)
         sampler.set_epoch(epoch, start=sampler_start)
         return torch.utils.data.DataLoader(dataset, batch_size=self.config.batch_size, sampler=sampler,
                                            collate_fn=self.collate, num_workers=dl.num_workers,
-                                           pin_memory=dl.pin_memory, drop_last=True,
+                                           pin_memory=dl.pin_memory, drop_last=dl.drop_last,
                                            # its own generator: creating an iterator must not consume the global
                                            # RNG that dropout uses, or a resumed run would diverge
                                            generator=torch.Generator().manual_seed(self.config.seed + epoch))
@@ -263,6 +269,12 @@ class BaseTrainer(CheckpointingMixin):
                     window = []
                     if self.global_step >= self.total_steps:
                         return
+            if window and not self.config.data_loader_config.drop_last:    # the epoch's last, shorter window
+                self.epoch_position += len(window)
+                produced = True
+                yield window
+                if self.global_step >= self.total_steps:
+                    return
             if not produced and self.epoch_position == 0:
                 raise ValueError(f"TrainConfig.file_dataset: {self.config.file_dataset!r} gave rank "
                                  f"{self.backend.rank} not one accumulation window (batch_size "
@@ -411,8 +423,7 @@ class BaseTrainer(CheckpointingMixin):
     def _epoch_float(self) -> float:
         if self.sampler is None:
             return float(self.epoch)
-        per_epoch = max(self.steps_per_epoch(), 1)
-        return round(self.epoch + self.epoch_position / (per_epoch * self.grad_accum), 4)
+        return round(self.epoch + self.epoch_position / max(self.micro_batches_per_epoch(), 1), 4)
 
     def _flops_per_token(self) -> float | None:
         fn = getattr(self.backend.unwrap(self.model), "flops_per_token", None)

@@ -58,7 +58,7 @@ class GRPOTrainer(RLTrainer):
         G = self.group_size
         target = self.config.batch_size                 # groups per rank wanted in the buffer
         rounds = sc.dynamic_sampling_max_rounds if sc.dynamic_sampling else 1
-        parts: list[tuple[Rollout, torch.Tensor, torch.Tensor]] = []
+        parts: list[tuple[Rollout, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         kept_groups = 0
         stats_acc: list[dict[str, float]] = []
         self.timer.times.clear()
@@ -69,14 +69,16 @@ class GRPOTrainer(RLTrainer):
                     return None
                 break
             rollout, rewards = self.sample(batch)
-            seq_r = rewards.total
+            # a group with a NaN/inf reward (nan_policy='skip') is dropped whole; 0 stands in for its rewards
+            dropped = self.nonfinite_rewards(rewards).reshape(-1, G).any(1).repeat_interleave(G)
+            seq_r = torch.where(dropped, torch.zeros_like(rewards.total), rewards.total)
             adv = group_advantages(seq_r, G, scale_std=sc.scale_rewards != "none",
                                    std_level="batch" if sc.scale_rewards == "batch" else "group")
             zero_var = zero_variance_groups(seq_r, G)
-            parts.append((rollout, adv, zero_var))
+            parts.append((rollout, adv, zero_var, dropped))
             stats_acc.append(self.rollout_summary(rollout, rewards))
             stats_acc[-1]["zero_var_group_frac"] = float(zero_var.float().mean())
-            kept_groups += int((~zero_var).sum()) // G
+            kept_groups += int((~zero_var & ~dropped).sum()) // G
             if sc.dynamic_sampling and not global_max(self.backend, int(kept_groups < target)):
                 break                                   # no rank is short of groups with signal
         self.rollouts_done += 1
@@ -84,8 +86,9 @@ class GRPOTrainer(RLTrainer):
         rollout = Rollout.concat([p[0] for p in parts])
         adv = torch.cat([p[1] for p in parts])
         zero_var = torch.cat([p[2] for p in parts])
+        dropped = torch.cat([p[3] for p in parts])
         n = len(rollout)
-        keep = list(range(n))
+        keep = [i for i in range(n) if not bool(dropped[i])]
         if sc.dynamic_sampling or sc.filter_zero_variance_groups:
             keep = [i for i in keep if not bool(zero_var[i])]
             if sc.dynamic_sampling:

@@ -40,6 +40,7 @@ from ..losses import (AdaptiveKLController, RunningMeanStd, gae, kl_penalized_re
                       ppo_policy_loss, value_loss, whiten_with_moments)
 from ..optim import build_optimizer, build_param_groups
 from .base import MAIN, LossOutput
+from .collective import global_max
 from .rl import RLTrainer
 from .rollout import build_sequences, disable_stochasticity
 from ..model.hf import set_default_file_mode
@@ -140,10 +141,14 @@ class PPOTrainer(RLTrainer):
         self.rollouts_done += 1
         n = len(rollout)
         stats = self.rollout_summary(rollout, rewards)
-        scores, dense = self._normalised_scores(rollout, rewards)
+        dropped = self.nonfinite_rewards(rewards)             # NaN/inf rewards (nan_policy='skip') are left out
+        scores, dense = self._normalised_scores(rollout, rewards, ~dropped)
         finished = torch.tensor(rollout.finished, dtype=torch.bool)
+        keep = [i for i in range(n) if not bool(dropped[i])]
+        if global_max(self.backend, len(keep)) == 0:
+            return []
         micro = []
-        for idx, padding in self.micro_batch_indices(list(range(n))):
+        for idx, padding in self.micro_batch_indices(keep):
             b = build_sequences([rollout.prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx],
                                 self.pad_token_id())
             b["completion_mask"] *= 0.0 if padding else 1.0
@@ -161,19 +166,21 @@ class PPOTrainer(RLTrainer):
             micro.append(b)
         self.score_micro_batches(micro, with_values=True)
         stats.update(self._advantages(micro))
-        stats["score_mean"] = float(scores.mean()) if n else 0.0
+        stats["score_mean"] = float(scores[~dropped].mean()) if keep else 0.0
         self.set_rollout_stats(stats)
         return micro
 
-    def _normalised_scores(self, rollout, rewards) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Scores after the missing-EOS penalty and reward normalisation; dense rewards scaled alike."""
+    def _normalised_scores(self, rollout, rewards,
+                           valid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Scores after the missing-EOS penalty and reward normalisation (statistics of the ``valid`` samples);
+        dense rewards scaled alike."""
         sc = self.stage_config
         scores = rewards.scores.clone()
         dense = [d.clone() for d in rewards.dense] if rewards.dense is not None else None
         if sc.missing_eos_penalty:
             scores = scores - sc.missing_eos_penalty * (~torch.tensor(rollout.finished, dtype=torch.bool)).float()
         if sc.normalize_rewards:
-            moments = masked_moments(scores, torch.ones_like(scores))
+            moments = masked_moments(scores, valid.float())
             self.backend.all_reduce(moments)
             count = max(float(moments[2]), 1.0)
             mean = float(moments[0]) / count

@@ -90,9 +90,12 @@ class RewardOutput:
 
 
 class RewardSet:
-    """Several reward sources with weights. ``funcs``: a callable, a reward model, or a list of them."""
+    """Several reward sources with weights. ``funcs``: a callable, a reward model, or a list of them.
+    ``allow_nonfinite``: pass NaN/inf values through (the trainer skips those samples, ``nan_policy='skip'``)
+    instead of raising :class:`RewardFunctionError`."""
 
-    def __init__(self, funcs: Any, weights: Sequence[float] | None = None):
+    def __init__(self, funcs: Any, weights: Sequence[float] | None = None, allow_nonfinite: bool = False):
+        self.allow_nonfinite = allow_nonfinite
         if funcs is None:
             raise ValueError("reward_func is required: a reward function, a reward model (with .score) or a list")
         items = list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
@@ -135,7 +138,7 @@ class RewardSet:
                 raw = fn(**args)
             except Exception as e:  # noqa: BLE001 - re-raised with the function's name
                 raise RewardFunctionError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
-            value = self._check(name, raw, n, lengths)
+            value = self._check(name, raw, n, lengths, self.allow_nonfinite)
             if isinstance(value, list):
                 dense = [torch.zeros(L) for L in lengths] if dense is None else dense
                 for i, v in enumerate(value):
@@ -147,7 +150,8 @@ class RewardSet:
         return RewardOutput(scores, dense, per_fn)
 
     @staticmethod
-    def _check(name: str, raw: Any, n: int, lengths: list[int]) -> torch.Tensor | list[torch.Tensor]:
+    def _check(name: str, raw: Any, n: int, lengths: list[int],
+               allow_nonfinite: bool = False) -> torch.Tensor | list[torch.Tensor]:
         where = f"reward function {name!r}"
         if raw is None:
             raise RewardFunctionError(f"{where} returned None; expected {n} numbers (one per completion)")
@@ -173,7 +177,7 @@ class RewardSet:
                 if t.numel() != L:
                     raise RewardFunctionError(f"{where}: dense reward {i} has {t.numel()} values for a completion "
                                               f"of {L} tokens")
-                if not bool(torch.isfinite(t).all()):
+                if not allow_nonfinite and not bool(torch.isfinite(t).all()):
                     raise RewardFunctionError(f"{where} returned a non-finite value (NaN/inf) for completion {i}")
                 out.append(t)
             return out
@@ -183,7 +187,7 @@ class RewardSet:
         except (TypeError, ValueError) as e:
             raise RewardFunctionError(f"{where} returned values that are not numbers: {e}") from None
         bad = (~torch.isfinite(t)).nonzero().flatten().tolist()
-        if bad:
+        if bad and not allow_nonfinite:
             raise RewardFunctionError(f"{where} returned non-finite values (NaN/inf) for completions {bad[:8]}")
         return t
 

@@ -55,13 +55,15 @@ class RLTrainer(BaseTrainer):
         self.reward_func, self.reward_weights = reward_func, reward_weights
         self.rollouts_done = 0
         self.rollout_stats: dict[str, float] = {}       # of the rollout the current windows come from
+        self.skipped_nonfinite_rewards = 0              # samples dropped for a NaN/inf reward (nan_policy='skip')
         self.timer = Timer()
         super().__init__(train_config=train_config, eval_prompts=eval_prompts, **kwargs)
 
     def setup(self) -> None:
         sc = self.stage_config
         weights = self.reward_weights if self.reward_weights is not None else sc.reward_weights
-        self.rewards = RewardSet(self.reward_func, weights)      # checked before the model is built
+        self.rewards = RewardSet(self.reward_func, weights,        # checked before the model is built
+                                 allow_nonfinite=self.config.nan_policy == "skip")
         super().setup()
         self.engine = RolloutEngine(self.backend, sc.generate_config, self.stop_token_ids(), self.pad_token_id(),
                                     group_size=self.group_size, chunk_size=sc.chunked_rollout_size,
@@ -139,10 +141,10 @@ class RLTrainer(BaseTrainer):
         return self.stage_config.update_epochs * math.ceil(micro / self.grad_accum)
 
     def steps_per_epoch(self) -> int:
-        return (len(self.sampler) // self.config.batch_size) * self.steps_per_rollout()
+        return self.micro_batches_per_epoch() * self.steps_per_rollout()
 
     def _epoch_float(self) -> float:
-        per_epoch = max(len(self.sampler) // self.config.batch_size, 1)
+        per_epoch = max(self.micro_batches_per_epoch(), 1)
         return round(self.epoch + self.epoch_position / per_epoch, 4)
 
     def prompt_batches(self) -> Iterator[dict[str, Any]]:
@@ -318,9 +320,24 @@ class RLTrainer(BaseTrainer):
     def make_rollout_batches(self, prompts: Iterator[dict[str, Any]]) -> list[dict[str, Any]] | None:
         raise NotImplementedError
 
+    def nonfinite_rewards(self, rewards: RewardOutput) -> torch.Tensor:
+        """``bool [N]``: samples whose reward is NaN/inf (possible only with ``nan_policy='skip'``); they are
+        counted in ``skipped_nonfinite_rewards`` and the caller drops them from the update."""
+        bad = ~torch.isfinite(rewards.total)
+        if bool(bad.any()):
+            self.skipped_nonfinite_rewards += int(bad.sum())
+            self.metrics.print(f"step {self.global_step}: {int(bad.sum())} sample(s) with a NaN/inf reward "
+                               f"skipped ({self.skipped_nonfinite_rewards} so far)")
+        return bad
+
     def rollout_summary(self, rollout: Rollout, rewards: RewardOutput) -> dict[str, float]:
-        """Reward, completion-length and truncation statistics of one rollout on this rank."""
+        """Reward, completion-length and truncation statistics of one rollout on this rank (finite rewards)."""
         lens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        finite = torch.isfinite(rewards.total)
+        if not bool(finite.all()):
+            rewards = RewardOutput(rewards.scores[finite],
+                                   None if rewards.dense is None else [d for d, f in zip(rewards.dense, finite) if f],
+                                   {k: v[finite] for k, v in rewards.per_function.items()})
         stats = dict(self.rewards.metrics(rewards))
         stats["completion_len"] = float(lens.mean()) if lens.numel() else 0.0
         stats["truncated_frac"] = float(1.0 - sum(rollout.finished) / max(len(rollout), 1))
