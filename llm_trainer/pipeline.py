@@ -270,7 +270,7 @@ def run_pipeline(path: str | Path, only: list[str] | None = None) -> list[Path]:
     pipeline = load_pipeline(path)
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
-    import llm_trainer
+    from .trainers import trainer_class
     stages = plan(pipeline, path.parent)
     if only:
         unknown = sorted(set(only) - {st["name"] for st in stages})
@@ -297,7 +297,7 @@ def run_pipeline(path: str | Path, only: list[str] | None = None) -> list[Path]:
             raise PipelineError(f"stage {stage['name']!r} starts from stage {stage['after']!r}, which has not "
                                 f"finished ({init} has no {DONE_MARKER}); run it first")
         print(f"[pipeline] {stage['name']}: {stage['type']} → {stage['dir']}", flush=True)
-        trainer = getattr(llm_trainer, stage["trainer"])(**dict(stage["kwargs"]))
+        trainer = trainer_class(stage["type"])(**dict(stage["kwargs"]))
         trainer.train()
         if trainer.backend.is_main:
             (final / DONE_MARKER).write_text("ok\n")

@@ -28,7 +28,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from ..data.collate import IGNORE_INDEX
 from ..metrics import MetricsLogger, estimate_mfu, peak_flops_for_device, peak_memory_bytes
 from ..optim import build_optimizer
 from ..scheduler import WarmupCosineScheduler
+from .callbacks import Callback, CallbackList
 from .checkpointing import CheckpointingMixin
 from .collective import even_batches, rank_shard
 from .images import eval_generation_inputs, pixel_provider
@@ -95,10 +96,17 @@ class BaseTrainer(CheckpointingMixin):
     loss_unit: str = "tokens"
 
     def __init__(self, *, train_config: TrainConfig, eval_prompts: list[str] | None = None,
-                 eval_image_tags: list[Any] | None = None) -> None:
+                 eval_image_tags: list[Any] | None = None, callbacks: Sequence[Callback] = (),
+                 evaluators: Sequence[Callable[["BaseTrainer"], dict[str, float]]] = ()) -> None:
+        """``callbacks``: :class:`~.callbacks.Callback` instances hooked into the loop. ``evaluators``: callables
+        ``evaluator(trainer) -> {metric: value}`` run at every evaluation (every ``eval_interval`` steps and at the
+        end) on every rank (they are collective: split the work over ranks and reduce), e.g. the tasks of
+        :mod:`llm_trainer.evaluation`."""
         self.config = train_config
         self.eval_prompts = list(eval_prompts or [])
         self.eval_image_tags = eval_image_tags
+        self._callbacks = list(callbacks)
+        self.evaluators = list(evaluators)
         self.output_dir = Path(train_config.output_dir)
         self.stage_config = train_config.stage_config(self.stage_slot, type(self).__name__)
         self.grad_accum = train_config.accumulation_steps(self.stage_config)
@@ -116,6 +124,7 @@ class BaseTrainer(CheckpointingMixin):
         cfg = self.config
         self.backend = build_backend(cfg.ds_config, cfg.dtype, cfg.output_dir)
         self.device = self.backend.device
+        self.callbacks = CallbackList(self._callbacks, self.backend)
         self.prepare_output_dir()
         seed_everything(cfg.seed)                       # identical model init on every rank
         self.tokenizer = build_tokenizer(cfg.tokenizer)
@@ -285,17 +294,21 @@ class BaseTrainer(CheckpointingMixin):
     # ------------------------------------------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
         """Run until ``max_steps`` / ``n_epochs``; returns the last logged metrics."""
-        cfg = self.config
+        cfg, callbacks = self.config, self.callbacks
         last: dict[str, Any] = {}
         t_start = t_log = time.monotonic()
         tokens_log, samples_log = 0, 0
+        saved = evaluated = -1
         try:
+            callbacks("on_train_begin", self)
             for window in self.training_windows():
+                callbacks("on_step_begin", self)
                 stats = self.train_step(window)
                 tokens_log += stats.pop("_tokens")
                 samples_log += stats.pop("_samples")
                 if stats.pop("_skipped", False):
                     continue
+                control = callbacks("on_step_end", self, stats)
                 if self.global_step % cfg.log_interval == 0 or self.global_step == self.total_steps:
                     dt = max(time.monotonic() - t_log, 1e-9)
                     tps = tokens_log / dt
@@ -304,16 +317,24 @@ class BaseTrainer(CheckpointingMixin):
                                  mfu=estimate_mfu(self._flops_per_token(), tps, self._peak_flops),
                                  peak_mem=peak_memory_bytes(self.device))
                     last = self.metrics.log(stats, step=self.global_step, epoch=self._epoch_float()) or stats
+                    control = callbacks("on_log", self, last)
                     t_log, tokens_log, samples_log = time.monotonic(), 0, 0
-                if cfg.eval_interval and self.global_step % cfg.eval_interval == 0:
+                if control.should_evaluate or (cfg.eval_interval and self.global_step % cfg.eval_interval == 0):
                     last.update(self.evaluate())
-                if cfg.save_interval and self.global_step % cfg.save_interval == 0:
+                    evaluated = self.global_step
+                if control.should_save or (cfg.save_interval and self.global_step % cfg.save_interval == 0):
                     self.save_checkpoint()
-            if cfg.save_interval and self.global_step % cfg.save_interval != 0:
+                    saved = self.global_step
+                callbacks.reset("should_evaluate", "should_save")
+                if control.should_stop:
+                    self.metrics.print(f"step {self.global_step}: a callback asked to stop training")
+                    break
+            if cfg.save_interval and saved != self.global_step:
                 self.save_checkpoint()
-            if cfg.eval_interval and self.global_step % cfg.eval_interval != 0:
+            if (cfg.eval_interval or self.evaluators) and evaluated != self.global_step:
                 last.update(self.evaluate())
             final = self.export()
+            callbacks("on_train_end", self, last)
             self.metrics.print(format_closing(self, last, time.monotonic() - t_start, final))
         finally:
             self.metrics.close()
@@ -441,12 +462,16 @@ class BaseTrainer(CheckpointingMixin):
             samples = self.sample_generations()
             if samples:
                 out["samples"] = samples
+        for evaluator in self.evaluators:
+            out.update(evaluator(self))
         if out:
             self.metrics.log(out, step=self.global_step, epoch=self._epoch_float(), progress=False)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in out.items() if isinstance(v, float))
             if shown:
                 self.metrics.print(f"step {self.global_step}: {shown}")
-        return {k: v for k, v in out.items() if k != "samples"}
+        metrics = {k: v for k, v in out.items() if k != "samples"}
+        self.callbacks("on_evaluate", self, metrics)
+        return metrics
 
     def eval_items(self, dataset) -> list[int]:
         """This rank's share of ``dataset`` for evaluation: every sample once over all ranks (``eval_batches``

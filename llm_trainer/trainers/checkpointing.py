@@ -93,6 +93,7 @@ class CheckpointingMixin:
             path = ckpt.commit_checkpoint(self.output_dir, self.global_step,
                                           keep_last=self.config.keep_last_checkpoints, meta={"stage": self.stage})
         backend.barrier()
+        self.callbacks("on_save", self, path)
         return path
 
     def save_extra_state(self, directory: Path) -> None:

@@ -242,6 +242,7 @@ class RLTrainer(BaseTrainer):
         """Rollout statistics (this rank's), averaged over ranks and logged with the steps of this rollout."""
         stats.update({f"time/{k}": v for k, v in self.timer.times.items()})
         self.rollout_stats = mean_over_ranks(self.backend, stats)
+        self.callbacks("on_rollout_end", self, self.rollout_stats)
 
     # ----------------------------------------------------------------------------------- micro-batch helpers
     def micro_batch_indices(self, keep: list[int]) -> list[tuple[list[int], bool]]:
