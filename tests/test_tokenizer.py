@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from llm_trainer.chat_templates import TEMPLATES
+from llm_trainer.chat import TEMPLATES
 from llm_trainer.cli.train_tokenizer import main as train_tokenizer_main
 from llm_trainer.tokenizer import ChatEncoding, Tokenizer, train_tokenizer
 
