@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
-from llm_trainer.chat import (TEMPLATES, ChatTemplate, ChatTemplateError, detect_builtin, get_builtin,
-                              render_conversation, spans_to_mask)
-from llm_trainer.chat.jinja import prepare_messages, written_control_tokens
+from llm_trainer.chat import TEMPLATES, ChatTemplate, detect_builtin, get_builtin, render_conversation, spans_to_mask
+from llm_trainer.chat.jinja import prepare_messages
+from llm_trainer.chat.turns import check_control_tokens, end_of_turn
 from llm_trainer.chat.templates import config_entry, load_model_templates, select
 
 __all__ = ["Tokenizer", "ChatEncoding", "train_tokenizer", "default_special_tokens", "TEMPLATES"]
@@ -252,15 +253,8 @@ class Tokenizer:
 
     def _probe_end_of_turn(self, tpl: ChatTemplate) -> str | None:
         if tpl.source not in self._eot_cache:
-            probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-            try:
-                text = render_conversation(tpl, probe, variables=self._template_tokens(tpl), with_spans=False).text
-            except (ValueError, TypeError):  # a template that cannot render the probe: eos alone
-                text = ""
-            special = set(self.special_tokens)
-            after = text[text.rfind("Hello") + len("Hello"):] if text else ""
-            self._eot_cache[tpl.source] = next(
-                (m.group(0) for m in self._control_tokens().finditer(after) if m.group(0) in special), None)
+            self._eot_cache[tpl.source] = end_of_turn(tpl, self._template_tokens(tpl), self._control_tokens(),
+                                                      set(self.special_tokens))
         return self._eot_cache[tpl.source]
 
     # ------------------------------------------------------------------------------------------------- encoding
@@ -347,7 +341,8 @@ class Tokenizer:
                                        atoms=self._control_tokens())
         if not tokenize:
             return rendered.text
-        self._check_control_tokens(tpl, rendered.text, messages, variables, tools, documents)
+        check_control_tokens(tpl, rendered.text, lambda t: self._tok.token_to_id(t) is not None, messages,
+                             variables=variables, tools=tools, documents=documents)
         enc = self._tok.encode(rendered.text, add_special_tokens=False)
         return ChatEncoding(enc.ids, spans_to_mask(rendered.spans, enc.offsets))
 
@@ -369,26 +364,6 @@ class Tokenizer:
             self._atoms = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
         return self._atoms
 
-    def _check_control_tokens(self, tpl: ChatTemplate, text: str, messages: Sequence[Mapping],
-                              variables: Mapping[str, Any], tools: Any, documents: Any) -> None:
-        """A control token the template writes (``<|...|>``, ``<｜...｜>``, ``<..._of_...>``) must be one token here."""
-        missing = [t for t in written_control_tokens(tpl.source) if t in text and self._tok.token_to_id(t) is None]
-        if not missing:
-            return
-        where = "in the generation prompt"
-        for k in range(1, len(messages) + 1):
-            try:
-                part = render_conversation(tpl, messages[:k], variables=variables, tools=tools, documents=documents,
-                                           with_spans=False).text
-            except ValueError:  # a template that cannot render this prefix
-                continue
-            if missing[0] in part:
-                where = f"first for message {k - 1}"
-                break
-        raise ChatTemplateError(
-            f"chat template {tpl} needs the special tokens {missing}, which this tokenizer lacks ({missing[0]!r} is "
-            f"written {where}); pick a template made for this tokenizer (its templates: {sorted(self.chat_templates)})"
-            " or add the tokens with add_special_tokens() and resize the model's embeddings")
 
     # ------------------------------------------------------------------------------------------------------ save
     def save(self, directory: str | os.PathLike) -> str:
@@ -565,7 +540,9 @@ def train_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int, output_
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(added), min_frequency=min_frequency, show_progress=show_progress,
+        vocab_size=vocab_size - len(added), min_frequency=min_frequency,
+        # the Rust progress bar draws with cursor movements; without a terminal it prints only blank lines
+        show_progress=show_progress and sys.stdout.isatty() and sys.stderr.isatty(),
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     if show_progress:

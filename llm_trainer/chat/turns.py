@@ -27,14 +27,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from jinja2.exceptions import SecurityError, TemplateError
 
-from llm_trainer.chat.jinja import REASONING_FIELDS, ChatTemplateError, Rendered, prepare_messages, render
+from llm_trainer.chat.jinja import (REASONING_FIELDS, ChatTemplateError, Rendered, prepare_messages, render,
+                                    written_control_tokens)
 from llm_trainer.chat.templates import ChatTemplate
 
-__all__ = ["render_conversation", "spans_to_mask", "REASONING_HISTORY"]
+__all__ = ["render_conversation", "spans_to_mask", "check_control_tokens", "end_of_turn", "REASONING_HISTORY"]
 
 REASONING_HISTORY = ("template", "keep", "drop")
 _MARK = "\U0010fffd"  # a private-use character: the anchor appended to a turn's content
@@ -263,3 +264,38 @@ def spans_to_mask(spans: Sequence[tuple[int, int]], offsets: Sequence[tuple[int,
         if end > spans[k][0]:
             mask[t] = 1
     return mask
+
+
+def check_control_tokens(template: ChatTemplate, text: str, has_token: Callable[[str], bool], messages: Any,
+                         **render_kwargs: Any) -> None:
+    """Raise if ``text`` holds a control token the template writes (``<|...|>``, ``<｜...｜>``, ``<..._of_...>``) that
+    is not a token of the vocabulary (``has_token``): encoding would split it into pieces."""
+    missing = [t for t in written_control_tokens(template.source) if t in text and not has_token(t)]
+    if not missing:
+        return
+    where = "in the generation prompt"
+    for k in range(1, len(messages) + 1):
+        try:
+            part = render_conversation(template, messages[:k], with_spans=False, **render_kwargs).text
+        except ValueError:  # a template that cannot render this prefix
+            continue
+        if missing[0] in part:
+            where = f"first for message {k - 1}"
+            break
+    raise ChatTemplateError(
+        f"chat template {template} needs the special tokens {missing}, which this tokenizer lacks ({missing[0]!r} is "
+        f"written {where}); use a template made for this tokenizer, or add the tokens with add_special_tokens() and "
+        "resize the model's embeddings")
+
+
+def end_of_turn(template: ChatTemplate, variables: Mapping[str, Any], control_tokens: re.Pattern,
+                special: set[str]) -> str | None:
+    """The first special token the template writes after an assistant's content (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``, ...): what ends a generated turn. None if the template cannot render a probe conversation."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text = render_conversation(template, probe, variables=variables, with_spans=False).text
+    except (ValueError, TypeError):
+        return None
+    after = text[text.rfind("Hello") + len("Hello"):]
+    return next((m.group(0) for m in control_tokens.finditer(after) if m.group(0) in special), None)
