@@ -297,5 +297,7 @@ def end_of_turn(template: ChatTemplate, variables: Mapping[str, Any], control_to
         text = render_conversation(template, probe, variables=variables, with_spans=False).text
     except (ValueError, TypeError):
         return None
+    if "Hello" not in text:
+        return None
     after = text[text.rfind("Hello") + len("Hello"):]
     return next((m.group(0) for m in control_tokens.finditer(after) if m.group(0) in special), None)
