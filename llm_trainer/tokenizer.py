@@ -296,6 +296,8 @@ class Tokenizer:
         except ValueError:
             self._default_template = old
             raise
+        if name is not None:  # chosen, not guessed
+            self._guessed_template = False
 
     @property
     def chat_templates(self) -> dict[str, ChatTemplate]:
@@ -308,8 +310,9 @@ class Tokenizer:
         return select(self._model_templates, self._builtin, template or self._default_template, tools)
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
-                            tokenize: bool = True, template: str | None = None, *, tools: Sequence[Mapping] | None = None,
-                            documents: Sequence[Mapping] | None = None, reasoning_history: str = "template",
+                            tokenize: bool = True, template: str | None = None, *,
+                            tools: Sequence[Mapping] | None = None, documents: Sequence[Mapping] | None = None,
+                            reasoning_history: str = "template",
                             **template_kwargs: Any) -> "ChatEncoding | str":
         """Render a conversation with a chat template (see :mod:`llm_trainer.chat`); the same string and ids as
         ``transformers``' ``apply_chat_template`` for the same tokenizer files.

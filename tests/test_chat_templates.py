@@ -240,6 +240,23 @@ def test_named_templates_and_template_files(tokenizer_json, tmp_path):
         ours.apply_chat_template([U1], template="nope")
 
 
+def test_documents_and_any_template_variable_reach_the_template(tokenizer_json, tmp_path):
+    source = ("{% for d in documents %}[{{ d.title }}: {{ d.text }}]{% endfor %}{{ greeting | default('none') }}"
+              "{% for m in messages %}{{ m.role }}={{ m.content | tojson }};{% endfor %}{{ strftime_now('%Y') }}")
+    d = _folder(tokenizer_json, tmp_path, "docs", chat_template=source)
+    ours, hf = Tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    docs = [{"title": "Paris", "text": "Capital of France."}, {"title": "Berlin", "text": "Capital of \"Germany\"."}]
+    for kw in ({}, {"greeting": "hello"}):
+        assert ours.apply_chat_template([U1], tokenize=False, documents=docs, **kw) == \
+            hf.apply_chat_template([U1], tokenize=False, documents=docs, **kw)
+    with pytest.raises(TypeError, match="documents must be a list of dicts"):
+        ours.apply_chat_template([U1], documents="Paris")
+    wrapped = Tokenizer.from_tokenizers(RustTokenizer.from_file(str(d / "tokenizer.json")), eos_token="</s>",
+                                        chat_template=source)
+    assert wrapped.apply_chat_template([U1], tokenize=False, documents=docs) == \
+        ours.apply_chat_template([U1], tokenize=False, documents=docs)
+
+
 def test_save_keeps_the_model_template_and_kwargs(tokenizer_json, tmp_path):
     tok, _ = _pair(tokenizer_json, tmp_path, "qwen3")
     tok.chat_template_kwargs["enable_thinking"] = False

@@ -5,13 +5,14 @@
 - a template with ``{% generation %}`` blocks: the spans are those blocks' output, exactly as ``transformers``
   records them for ``return_assistant_tokens_mask``;
 - any other template: each assistant message ``i`` is located by rendering prefixes of the conversation (the method
-  TRL and LLaMA-Factory use). Its span starts where ``messages[:i]`` rendered with the generation prompt ends, and
-  ends where ``messages[:i+1]`` rendered alone ends — when both renders are prefixes of the whole conversation.
+  TRL and LLaMA-Factory use). Its span starts where ``messages[:i]`` rendered with the generation prompt ends (or,
+  when the generation prompt writes a prefill the conversation lacks at that turn, such as ``<think>\n``, where the
+  two stop agreeing), and ends where ``messages[:i+1]`` rendered alone ends, when that is a prefix of the whole.
   Some templates render a turn differently when it is the last one (Qwen3 and Nemotron drop earlier turns'
-  reasoning; Phi-3 closes the conversation with eos). Then the turn is anchored by a marker appended to its content
-  (or to its last tool call's name): its span starts where the generation prompt stops agreeing with the conversation
-  and ends after the text that follows the content both when the turn is last and in the conversation. A template
-  that cannot be split either way raises :class:`ChatTemplateError` naming the message.
+  reasoning; Phi-3 closes the conversation with eos). Then the turn's end is found by a marker appended to its
+  content (or its last tool call's name, or standing for an empty content): the span ends after the text that
+  follows the marker both when the turn is last and in the conversation. A template that cannot be split either way
+  raises :class:`ChatTemplateError` naming the message. Prefix comparisons never end inside a control token.
 
 :func:`spans_to_mask` turns character spans into a token mask the way ``transformers`` does: a token is trained when
 it overlaps a span.
@@ -120,11 +121,10 @@ def _anchors(message: dict) -> Iterator[dict]:
 
 @dataclass
 class _Turn:
-    """Assistant message ``index`` spans ``[start, end)`` of the conversation. When it renders differently as the last
+    """An assistant message spans ``[start, end)`` of the conversation. When it renders differently as the last
     message, ``last`` is that rendering: it agrees with the conversation up to ``splice``, and the turn's output
     (after any generation-prompt prefill) is ``[last_start, last_end)`` in it."""
 
-    index: int
     start: int
     end: int
     last: Rendered | None = None
@@ -167,7 +167,7 @@ class _Splitter:
         # template writes only before a new turn), and ends where the conversation cut after it ends
         start = len(prompt) if full.startswith(prompt) else _common_prefix(prompt, full, self.atoms)
         if full.startswith(last.text):
-            turn = _Turn(i, start, len(last.text))
+            turn = _Turn(start, len(last.text))
         else:  # rendered differently as the last message: locate its end by an anchor
             turn = self._anchored_turn(i, prompt, last, start)
         if not prev_end <= min(turn.start, turn.splice if turn.last else turn.start) <= turn.end:
@@ -187,7 +187,7 @@ class _Splitter:
                     tail = _common_prefix(last.text[pos_last:], full[pos:], self.atoms)
                     splice = min(start, _common_prefix(last.text, full, self.atoms))
                     last_start = max(splice, _common_prefix(prompt, last.text, self.atoms))
-                    return _Turn(i, start, pos + tail, last, splice, last_start, pos_last + tail)
+                    return _Turn(start, pos + tail, last, splice, last_start, pos_last + tail)
         raise self._fail(i, "the template renders it differently when it is the last message, and no marker in its "
                             "content or tool calls locates it")
 

@@ -65,7 +65,8 @@ class RecordEncoder:
             raise BadRecord(name, "empty list of messages")
         for j, m in enumerate(v):
             if not isinstance(m, dict):
-                raise BadRecord(name, f"message {j} must be an object with 'role' and 'content', got {type(m).__name__}")
+                raise BadRecord(name, f"message {j} must be an object with 'role' and 'content', got "
+                                      f"{type(m).__name__}")
             role = m.get("role")
             if not isinstance(role, str):
                 raise BadRecord(name, f"message {j} has no string 'role'")
