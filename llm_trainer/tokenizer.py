@@ -367,7 +367,6 @@ class Tokenizer:
             self._atoms = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
         return self._atoms
 
-
     # ------------------------------------------------------------------------------------------------------ save
     def save(self, directory: str | os.PathLike) -> str:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (Hugging Face layout, loadable by

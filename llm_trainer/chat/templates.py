@@ -77,85 +77,77 @@ class ChatTemplate:
         return f"{self.name!r} (built-in)" if self.builtin else f"{self.name!r} from {self.origin}"
 
 
-# Macros shared by the built-ins: a message's text (string or list of parts) and its reasoning (or none).
-_COMMON = (
-    r"{%- macro text(content) -%}"
-    r"{%- if content is not defined or content is none -%}"
-    r"{%- elif content is string -%}{{- content -}}"
-    r"{%- elif content is sequence and content is not mapping -%}"
-    r"{%- for part in content -%}"
-    r"{%- if part is string -%}{{- part -}}"
+# Per message, shared by the built-ins: `content` (its text: a string, or a list of text/image parts joined) and
+# `think` (its reasoning block, '' if none). Inline rather than macros: a macro call costs more than the rest.
+_MESSAGE = (
+    r"{%- if message.content is string -%}{%- set content = message.content -%}"
+    r"{%- elif message.content is not defined or message.content is none -%}{%- set content = '' -%}"
+    r"{%- elif message.content is sequence and message.content is not mapping -%}"
+    r"{%- set parts = namespace(text='') -%}"
+    r"{%- for part in message.content -%}"
+    r"{%- if part is string -%}{%- set parts.text = parts.text + part -%}"
     r"{%- elif part is not mapping or part.type is not defined -%}"
     r"{{- raise_exception('content part ' ~ loop.index0 ~ ' must be a string or a dict with a type key') -}}"
-    r"{%- elif part.type == 'text' -%}{{- part.text | default('') -}}"
-    r"{%- elif part.type == 'image' -%}{{- image_token | default('<image>') -}}"
+    r"{%- elif part.type == 'text' -%}{%- set parts.text = parts.text + part.text | default('') -%}"
+    r"{%- elif part.type == 'image' -%}{%- set parts.text = parts.text + image_token | default('<image>') -%}"
     r'{%- else -%}{{- raise_exception("unsupported content part type " ~ part.type ~ " (expected text or image)") -}}'
     r"{%- endif -%}"
     r"{%- endfor -%}"
+    r"{%- set content = parts.text -%}"
     r"{%- else -%}{{- raise_exception('content must be a string or a list of parts') -}}"
     r"{%- endif -%}"
-    r"{%- endmacro -%}"
-    r"{%- macro reasoning(message) -%}"
     r"{%- set r = message.reasoning_content if message.reasoning_content is defined else message.think -%}"
+    r"{%- set think = '' -%}"
     r"{%- if r is defined and r is not none -%}"
     r"{%- if message.role != 'assistant' -%}"
     r"{{- raise_exception('only assistant messages may carry reasoning (role is ' ~ message.role ~ ')') -}}"
     r"{%- elif r is not string -%}{{- raise_exception('reasoning must be a string') -}}"
     r"{%- endif -%}"
-    r"{{- '<think>\n' + r.strip('\n') + '\n</think>\n\n' -}}"
+    r"{%- set think = '<think>\n' + r.strip('\n') + '\n</think>\n\n' -%}"
     r"{%- endif -%}"
-    r"{%- endmacro -%}"
 )
 
 # the assistant body: reasoning block (if any) + content, with the content's leading newlines dropped after a block
-_BODY = (r"{%- set think = reasoning(message) -%}"
-         r"{{- think + (content.lstrip('\n') if think else content) -}}")
+_BODY = r"{{- think + (content.lstrip('\n') if think else content) -}}"
 
-_CHATML = _COMMON + (
-    r"{%- for message in messages -%}"
-    r"{%- set content = text(message.content) -%}"
+_CHATML = (
+    r"{%- for message in messages -%}" + _MESSAGE +
     r"{%- if message.role == 'assistant' -%}"
     r"{{- '<|im_start|>assistant\n' -}}"
     r"{%- generation -%}" + _BODY + r"{{- '<|im_end|>' -}}{%- endgeneration -%}"
     r"{{- '\n' -}}"
     r"{%- else -%}"
-    r"{{- reasoning(message) -}}"
     r"{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' -}}"
     r"{%- endif -%}"
     r"{%- endfor -%}"
     r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
 )
 
-_LLAMA3 = _COMMON + (
+_LLAMA3 = (
     r"{{- '<|begin_of_text|>' -}}"
-    r"{%- for message in messages -%}"
-    r"{%- set content = text(message.content) | trim -%}"
+    r"{%- for message in messages -%}" + _MESSAGE +
+    r"{%- set content = content | trim -%}"
     r"{{- '<|start_header_id|>' + message.role + '<|end_header_id|>\n\n' -}}"
     r"{%- if message.role == 'assistant' -%}"
     r"{%- generation -%}" + _BODY + r"{{- '<|eot_id|>' -}}{%- endgeneration -%}"
     r"{%- else -%}"
-    r"{{- reasoning(message) -}}"
     r"{{- content + '<|eot_id|>' -}}"
     r"{%- endif -%}"
     r"{%- endfor -%}"
     r"{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}"
 )
 
-_PLAIN = _COMMON + (
+_PLAIN = (
     r"{%- if eos_token is not defined or not eos_token -%}"
     r'{{- raise_exception("the plain chat template needs an end-of-sequence token; this tokenizer has none") -}}'
     r"{%- endif -%}"
-    r"{%- for message in messages -%}"
-    r"{%- set content = text(message.content) -%}"
+    r"{%- for message in messages -%}" + _MESSAGE +
     r"{%- if message.role == 'assistant' -%}"
     r"{{- 'Assistant:' -}}"
     r"{%- generation -%}{{- ' ' -}}" + _BODY + r"{{- eos_token -}}{%- endgeneration -%}"
     r"{{- '\n' -}}"
-    r"{%- else -%}"
-    r"{{- reasoning(message) -}}"
-    r"{%- if message.role == 'system' -%}{{- 'System: ' + content + '\n\n' -}}"
+    r"{%- elif message.role == 'system' -%}{{- 'System: ' + content + '\n\n' -}}"
     r"{%- else -%}{{- message.role[:1] | upper -}}{{- message.role[1:] + ': ' + content + '\n' -}}"
-    r"{%- endif -%}"
     r"{%- endif -%}"
     r"{%- endfor -%}"
     r"{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"

@@ -25,6 +25,7 @@ is the last message — reasoning included and trained — and the rest of the c
 """
 from __future__ import annotations
 
+import bisect
 import os
 import re
 from dataclasses import dataclass
@@ -253,16 +254,14 @@ def render_conversation(template: ChatTemplate, messages: Any, *, add_generation
 
 
 def spans_to_mask(spans: Sequence[tuple[int, int]], offsets: Sequence[tuple[int, int]]) -> list[int]:
-    """1 for every token (character ``offsets``) overlapping a span — ``transformers``' rule, spans in order."""
+    """1 for every token (character ``offsets``, in order) overlapping a span (``start < span end`` and ``end > span
+    start``) — ``transformers``' rule for ``assistant_masks``; two binary searches per span."""
     mask = [0] * len(offsets)
-    k = 0
-    for t, (start, end) in enumerate(offsets):
-        while k < len(spans) and start >= spans[k][1]:
-            k += 1
-        if k == len(spans):
-            break
-        if end > spans[k][0]:
-            mask[t] = 1
+    starts = [a for a, _ in offsets]
+    ends = [b for _, b in offsets]
+    for s, e in spans:
+        lo, hi = bisect.bisect_right(ends, s), bisect.bisect_left(starts, e)
+        mask[lo:hi] = [1] * max(0, hi - lo)
     return mask
 
 
