@@ -363,3 +363,22 @@ def test_reasoning_history(tokenizer_json, tmp_path):
     text = q36.apply_chat_template(conv, tokenize=False, preserve_thinking=True)
     assert "France's capital city" in text and text == hf36.apply_chat_template(conv, tokenize=False,
                                                                                 preserve_thinking=True)
+
+
+def test_train_config_template_kwargs_reach_the_trainers_prompts(tokenizer_json, tmp_path):
+    """``TrainConfig.chat_template_kwargs`` (e.g. Qwen3's enable_thinking) reaches the prompts a trainer renders."""
+    from llm_trainer import SFTTrainer, TrainConfig
+    from llm_trainer.model import ModelConfig
+    from trainer_utils import write_sft
+    d = _folder(tokenizer_json, tmp_path, "qwen3", chat_template=(TRL_TEMPLATES / "qwen3.jinja").read_text())
+    items = [str(write_sft(tmp_path / "sft", n=8))]
+    prompts = {}
+    for think in (True, False):
+        cfg = TrainConfig(model_config=ModelConfig(vocab_size=Tokenizer(d).vocab_size, hidden_size=32,
+                                                   num_hidden_layers=1, num_attention_heads=2,
+                                                   max_position_embeddings=64),
+                          tokenizer=str(d), chat_template_kwargs={"enable_thinking": think}, file_dataset=items,
+                          batch_size=4, max_steps=1, output_dir=str(tmp_path / f"o{think}"), dtype="fp32")
+        tr = SFTTrainer(train_config=cfg)
+        prompts[think] = tr.tokenizer.decode(tr.format_eval_prompt("hi"), skip_special_tokens=False)
+    assert prompts[False].endswith("<think>\n\n</think>\n\n") and not prompts[True].endswith("</think>\n\n")

@@ -83,6 +83,12 @@ class TrainConfig(ConfigMixin):
     """Checkpoints, metrics.jsonl, samples and the final export (output_dir/final)."""
     tokenizer: str | None = None
     """tokenizer.json or a folder holding it (None → no text I/O: no sample generations)."""
+    chat_template: str | None = None
+    """The chat template to use: a named template of the tokenizer folder, a built-in ('chatml', 'llama3', 'plain')
+    or Jinja source (None → the folder's default: the model's own template)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template, e.g. {"enable_thinking": False}; they reach every prompt the trainer
+    renders (evaluation prompts, generation)."""
     seed: int = 42
     """Seeds model init, data order, dropout and sampling."""
     dtype: str = "auto"

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from llm_trainer.data.formats import DataError, IndexedWriter, NpyWriter, replace_path, token_dtype
+from llm_trainer.data.provenance import tokenizer_record, write_flat_meta
 from llm_trainer.data.records import RecordEncoder, encode_chunk, init_worker
 
 __all__ = ["prepare", "PrepareStats", "STAGES"]
@@ -142,6 +143,7 @@ class _Sink:
     def __init__(self, stage: str, output: Path, tokenizer: Any, meta: dict, has_images: bool):
         self.stage = stage
         self.output = output
+        self.meta = meta
         self.dtype = token_dtype(tokenizer.vocab_size)
         self.max_id = -1
         if stage == "pretrain":
@@ -168,6 +170,9 @@ class _Sink:
         if self.npy is not None:
             self.npy.close()
             replace_path(self._tmp, self.output)
+            write_flat_meta(self.output, {**self.meta, "stage": "pretrain", "max_token_id": self.max_id,
+                                          "stats": {k: v for k, v in asdict(stats).items()
+                                                    if k not in ("output", "inputs")}})
         else:
             self.indexed.meta["stats"] = {k: v for k, v in asdict(stats).items() if k not in ("output", "inputs")}
             self.indexed.close()
@@ -229,8 +234,7 @@ def prepare(stage: str, tokenizer: Any, inputs: str | os.PathLike | Sequence[str
             if not skip_bad:
                 raise DataError("file is empty (0 bytes)", file=f)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tok_path = getattr(tokenizer, "path", None)
-    meta = {"tokenizer": os.path.abspath(tok_path) if tok_path else None,
+    meta = {**tokenizer_record(tokenizer),
             "template": chat.name if chat else None, "template_origin": chat.origin if chat else None,
             "template_kwargs": {**tokenizer.chat_template_kwargs, **(template_kwargs or {})} if chat else None,
             "reasoning_history": reasoning_history if chat else None,

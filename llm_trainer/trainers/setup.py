@@ -34,11 +34,13 @@ def build_backend(ds_config: Any, dtype: str, run_dir: str):
     return get_backend(ds_config, resolved, run_dir=run_dir)
 
 
-def build_tokenizer(path: str | None):
+def build_tokenizer(path: str | None, chat_template: str | None = None, chat_template_kwargs: dict | None = None):
+    """The run's tokenizer (None without a path); ``chat_template`` / ``chat_template_kwargs`` override the
+    folder's template choice and its template variables (e.g. ``enable_thinking``)."""
     if path is None:
         return None
     from ..tokenizer import Tokenizer
-    return Tokenizer(path)
+    return Tokenizer(path, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs or None)
 
 
 def _is_hf_folder(path: str | None) -> bool:
