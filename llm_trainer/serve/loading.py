@@ -83,8 +83,14 @@ class ServedModel:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """The chat template's end-of-turn token and eos (what ends an answer)."""
-        return list(self.tokenizer.stop_token_ids)
+        """The chat template's end-of-turn token, the tokenizer's eos and the model config's eos (what ends an
+        answer)."""
+        ids = list(self.tokenizer.stop_token_ids)
+        eos = getattr(self.model.config, "eos_token_id", None)
+        for t in eos if isinstance(eos, list) else [eos]:
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
+        return ids
 
     # ------------------------------------------------------------------------------------------- prompts
     def chat_prompt(self, messages: Sequence[dict], images: Sequence[Any] = (),
