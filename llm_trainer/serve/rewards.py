@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import sys
 import threading
+import time
 import traceback
 from concurrent.futures import Future
 
@@ -21,12 +22,14 @@ __all__ = ["RewardBatcher"]
 
 
 class RewardBatcher:
-    """``score(seqs) -> list[float]`` from any thread; ``start()`` / ``close()`` the scoring thread."""
+    """``score(seqs) -> list[float]`` from any thread; ``start()`` / ``close()`` the scoring thread.
+    ``batch_wait_s``: when idle, wait this long after the first arrival so that requests arriving together are
+    scored together."""
 
-    def __init__(self, served: ServedModel, max_batch: int = 16):
+    def __init__(self, served: ServedModel, max_batch: int = 16, batch_wait_s: float = 0.0):
         if served.kind != "reward":
             raise ValueError(f"RewardBatcher scores with a reward model; {served.name} is a {served.kind} model")
-        self.served, self.max_batch = served, max_batch
+        self.served, self.max_batch, self.batch_wait_s = served, max_batch, batch_wait_s
         self._cond = threading.Condition()
         self._waiting: collections.deque = collections.deque()
         self._closing = False
@@ -63,6 +66,12 @@ class RewardBatcher:
             with self._cond:
                 while not self._waiting and not self._closing:
                     self._cond.wait()
+                deadline = time.monotonic() + self.batch_wait_s
+                while not self._closing and sum(len(j) for j, _ in self._waiting) < self.max_batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 if self._closing:
                     return
                 jobs, n = [], 0

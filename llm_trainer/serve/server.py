@@ -58,7 +58,7 @@ class OpenAIServer(ThreadingHTTPServer):
         self.load_image = image_loader(image_dir)
         self.engine = self.rewards = None
         if served.kind == "reward":
-            self.rewards = RewardBatcher(served, max_batch=max_batch).start()
+            self.rewards = RewardBatcher(served, max_batch=max_batch, batch_wait_s=batch_wait_s).start()
         else:
             self.engine = BatchEngine(served, max_batch=max_batch, max_waiting=max_waiting,
                                       batch_wait_s=batch_wait_s).start()
