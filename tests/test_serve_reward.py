@@ -21,7 +21,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder):
-    srv = ServerProcess(folder, "--batch-wait-ms", "300", "--max-model-len", "256")
+    srv = ServerProcess(folder, "--batch-wait-ms", "150", "--max-model-len", "256")
     yield srv
     srv.stop()
 
