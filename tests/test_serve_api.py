@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import openai
 import pytest
 import torch
 
@@ -12,7 +13,6 @@ from llm_trainer.generation import GenerateConfig, generate
 from llm_trainer.serve.loading import load_served_model
 from serve_models import ServerProcess, make_llm_folder
 
-openai = pytest.importorskip("openai", reason="the openai client is a test extra: pip install -e '.[test]'")
 
 QUESTIONS = ["hi", "How are you today?", "12 + 7 =", "The quick brown fox", "Tell me about café 東京",
              "A small model", "Numbers: 3 * 4", "Hello there!"]

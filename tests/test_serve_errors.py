@@ -8,11 +8,11 @@ import json
 import socket
 import time
 
+import openai
 import pytest
 
 from serve_models import ServerProcess, make_llm_folder
 
-openai = pytest.importorskip("openai", reason="the openai client is a test extra: pip install -e '.[test]'")
 
 LIMIT = 4096
 CHAT = "/v1/chat/completions"

@@ -7,6 +7,7 @@ import base64
 import io
 import threading
 
+import openai
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +16,6 @@ from llm_trainer.generation import GenerateConfig, generate
 from llm_trainer.serve.loading import load_served_model
 from serve_models import ServerProcess, make_vlm_folder
 
-openai = pytest.importorskip("openai", reason="the openai client is a test extra: pip install -e '.[test]'")
 
 
 def picture(seed: int, size: int = 24) -> Image.Image:
