@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..generation import GenerateConfig, _choose, _lm_head, process_logits
+from ..generation import GenerateConfig, _choose, _lm_head, _PrepackedLinears, process_logits
 from ..model.cache import KVCache
 from ..model.layers import rope_cos_sin
 from .loading import Prompt, ServedModel
@@ -78,9 +78,12 @@ class BatchEngine:
     """Owns ``served.model`` on a background thread (``start()`` / ``close()``); ``submit(seqs)`` queues sequences,
     ``cancel(seq)`` makes one leave at the next step. ``max_batch``: sequences decoded together at most;
     ``max_waiting``: queued sequences beyond which ``submit`` raises :class:`Overloaded`; ``batch_wait_s``: when
-    idle, wait this long after the first arrival so that requests arriving together start together."""
+    idle, wait this long after the first arrival so that requests arriving together start together. ``prepack``: on
+    CPU in fp32, serve the linear layers from oneDNN-packed copies of their weights while the engine runs (what
+    ``generate`` does per call; here once, as the served weights do not change) — about 1.5x faster decoding."""
 
-    def __init__(self, served: ServedModel, max_batch: int = 16, max_waiting: int = 1024, batch_wait_s: float = 0.0):
+    def __init__(self, served: ServedModel, max_batch: int = 16, max_waiting: int = 1024, batch_wait_s: float = 0.0,
+                 prepack: bool = True):
         if served.kind not in ("llm", "vlm"):
             raise ValueError(f"BatchEngine generates text; {served.name} is a {served.kind} model")
         if max_batch < 1 or max_waiting < 1 or batch_wait_s < 0:
@@ -89,6 +92,7 @@ class BatchEngine:
         self.served, self.model = served, served.model
         self.llm = served.model.llm if served.kind == "vlm" else served.model
         self.max_batch, self.max_waiting, self.batch_wait_s = max_batch, max_waiting, batch_wait_s
+        self.prepack = prepack
         self.device = served.device
         self.head = functools.partial(_lm_head, self.model)
         mc = self.llm.config
@@ -141,7 +145,7 @@ class BatchEngine:
 
     # ------------------------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), _PrepackedLinears(self.model, self.max_batch, self.prepack):
             while True:
                 admit = self._next_admissions()
                 if admit is None:
@@ -205,31 +209,40 @@ class BatchEngine:
         s.plain_greedy = cfg.greedy and cfg.repetition_penalty == 1.0 and not extra
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        groups = [[s] for s in seqs] if self.dynamic_rope else [seqs]
-        for group in groups:
-            lengths = [len(s.prompt.ids) for s in group]
-            B, P = len(group), max(lengths)
-            ids = torch.full((B, P), self.pad, dtype=torch.long)
-            mask = torch.zeros((B, P), dtype=torch.bool)
-            for i, s in enumerate(group):
-                ids[i, P - lengths[i]:] = torch.tensor(s.prompt.ids, dtype=torch.long)
-                mask[i, P - lengths[i]:] = True
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            kwargs: dict[str, Any] = {}
-            pixels = [s.prompt.pixel_values for s in group if s.prompt.pixel_values is not None]
-            if pixels:
-                kwargs["pixel_values"] = torch.cat(pixels)
-                kwargs["image_counts"] = torch.tensor([s.prompt.num_images for s in group], dtype=torch.long)
-            out = self.model(input_ids=ids, attention_mask=mask.long() if min(lengths) != P else None,
-                             past_key_values=KVCache(), use_cache=True, return_hidden_states=True, **kwargs)
-            logits = self.head(out.hidden_states[:, -1]).float()
+        for group in ([[s] for s in seqs] if self.dynamic_rope else [seqs]):
+            try:
+                logits, cache, mask, lengths = self._prefill_forward(group)
+            except Exception as e:  # e.g. an image the vision tower rejects: only this group fails
+                traceback.print_exc(file=sys.stderr)
+                self._fail(group, f"generation failed: {type(e).__name__}: {e}")
+                continue
             for s in group:
                 self._init_row(s)
             tokens = self._pick(logits, group)
-            self._join(group, out.past_key_values, mask, lengths, tokens)
+            self._join(group, cache, mask, lengths, tokens)
             self.stats["prefill_tokens"] += sum(lengths)
             self._record(group, tokens)
         self._retire()
+
+    def _prefill_forward(self, group: list[Sequence]):
+        """One left-padded forward pass over the group's prompts: last-position logits, the new cache, the
+        prompts' key mask and their lengths."""
+        lengths = [len(s.prompt.ids) for s in group]
+        B, P = len(group), max(lengths)
+        ids = torch.full((B, P), self.pad, dtype=torch.long)
+        mask = torch.zeros((B, P), dtype=torch.bool)
+        for i, s in enumerate(group):
+            ids[i, P - lengths[i]:] = torch.tensor(s.prompt.ids, dtype=torch.long)
+            mask[i, P - lengths[i]:] = True
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        kwargs: dict[str, Any] = {}
+        pixels = [s.prompt.pixel_values for s in group if s.prompt.pixel_values is not None]
+        if pixels:
+            kwargs["pixel_values"] = torch.cat(pixels)
+            kwargs["image_counts"] = torch.tensor([s.prompt.num_images for s in group], dtype=torch.long)
+        out = self.model(input_ids=ids, attention_mask=mask.long() if min(lengths) != P else None,
+                         past_key_values=KVCache(), use_cache=True, return_hidden_states=True, **kwargs)
+        return self.head(out.hidden_states[:, -1]).float(), out.past_key_values, mask, lengths
 
     def _join(self, group: list[Sequence], cache: KVCache, mask: torch.Tensor, lengths: list[int],
               tokens: torch.Tensor) -> None:
