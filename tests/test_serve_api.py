@@ -206,3 +206,19 @@ def test_stop_strings_end_the_answer(client, served):
             r = client.chat.completions.create(**kw)
             text, reason = r.choices[0].message.content, r.choices[0].finish_reason
         assert text == full[:first] and reason == "stop"
+
+
+def test_many_clients_connecting_at_once(server):
+    """64 clients open their connections at the same moment: none is refused or reset."""
+    import http.client
+    import json
+
+    def one(i):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": [5, 6, i], "max_tokens": 2}),
+                     headers={"Content-Type": "application/json"})
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    assert _concurrent(one, [(i,) for i in range(64)]) == [200] * 64

@@ -50,6 +50,7 @@ class OpenAIServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # listen backlog: socketserver's 5 resets connections when many clients connect at once
 
     def __init__(self, address: tuple[str, int], served: ServedModel, max_batch: int = 16, max_waiting: int = 1024,
                  batch_wait_s: float = 0.0, max_body: int = 32 << 20, image_dir: str | None = None,
