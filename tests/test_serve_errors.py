@@ -176,3 +176,19 @@ def test_non_streaming_client_disconnect(server):
                           "the abandoned request cancelled")
     assert h["completed"] == base["completed"]
     assert_alive(server)
+
+
+def test_odd_but_valid_http(server):
+    """An unknown method, deeply nested JSON, and an HTTP/1.0 client streaming (no chunked encoding for it)."""
+    assert_error(*raw_exchange(server, b"FOO /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"), 405)
+    assert_error(*post(server, CHAT, None, raw=b"[" * 100_000 + b"]" * 100_000), 400, "invalid_json")
+    body = json.dumps({"messages": MSG, "max_tokens": 5, "temperature": 0, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        data = b""
+        while chunk := s.recv(65536):  # the server closes the connection at the end of the stream
+            data += chunk
+    head, _, events = data.partition(b"\r\n\r\n")
+    assert b"200 OK" in head and b"chunked" not in head.lower()
+    assert events.startswith(b"data: {") and events.endswith(b"data: [DONE]\n\n")
+    assert_alive(server)

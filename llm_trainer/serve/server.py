@@ -44,7 +44,8 @@ class ClientGone(Exception):
 
 
 class OpenAIServer(ThreadingHTTPServer):
-    """``OpenAIServer((host, port), served, ...)``; ``serve_forever()``, then ``close()`` to stop the model thread.
+    """``OpenAIServer((host, port), served, ...)``; ``serve_forever()``; once it returns (``shutdown()`` from another
+    thread, or an exception), ``close()`` stops the model thread.
     ``max_body``: request bodies above this many bytes get 413; ``image_dir``: the only folder image file paths
     may name (None: data URLs only)."""
 
@@ -98,6 +99,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if self.request_version == "HTTP/0.9":  # an unparsable request line: still answer with a status line
             self.request_version = "HTTP/1.0"
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # http.server's answer to a method it has no do_X for
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command!r} is not allowed"
         phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else "Error"
         self._send_json(code, APIError(code, message or phrase).body())
 
@@ -140,8 +143,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise APIError(400, f"the request body ended after {len(raw)} of {n} bytes")
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}",
+                           code="invalid_json") from None
 
     def _client_gone(self) -> bool:
         """True once the client's side of the connection is closed (it reads end-of-file)."""
@@ -176,7 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("OPTIONS")
 
     def _dispatch(self, method: str) -> None:
-        self._responded = False
+        self._responded = self._streaming = False
         allowed = None
         path = self.path.split("?", 1)[0]
         try:
@@ -196,8 +200,10 @@ class _Handler(BaseHTTPRequestHandler):
                     self.close_connection = True
                 raise APIError(404, f"no route {method} {path}; see docs/serve.md for the API", code="not_found")
         except APIError as e:
-            if self._responded:  # a streaming answer has begun: the error goes into the stream
+            if self._streaming:  # a streaming answer has begun: the error goes into the stream
                 self._sse_error(e)
+            elif self._responded:
+                self.close_connection = True
             else:
                 self._send_json(e.status, e.body(), {"Allow": allowed} if allowed else None)
         except (ClientGone, BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
@@ -207,7 +213,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             err = APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
             try:
-                self._sse_error(err) if self._responded else self._send_json(500, err.body())
+                if self._streaming:
+                    self._sse_error(err)
+                elif not self._responded:
+                    self._send_json(500, err.body())
             except OSError:
                 pass
 
@@ -333,15 +342,26 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------------------------------- streaming
     def _start_stream(self) -> None:
+        """Chunked transfer encoding for HTTP/1.1 clients; an HTTP/1.0 client gets the events until the
+        connection closes."""
+        self._chunked = self.request_version != "HTTP/1.0"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
-        self._responded = True
+        self._responded = self._streaming = True
 
     def _write_chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        """One chunk of the streamed body (``b""`` ends it)."""
+        if self._chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        elif data:
+            self.wfile.write(data)
 
     def _sse(self, obj: dict) -> None:
         self._write_chunk(b"data: " + json.dumps(obj).encode("utf-8") + b"\n\n")
