@@ -19,16 +19,15 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ServedModel", "Prompt", "load_served_model", "folder_kind", "reward_model_class", "decode_data_url"]
-
-KINDS = ("llm", "vlm", "reward")
+__all__ = ["ServedModel", "Prompt", "load_served_model", "folder_kind", "reward_module", "decode_data_url"]
 
 
-def reward_model_class():
-    """The reward model class (the one place that names its module, imported lazily)."""
-    from ..trainers.reward import RewardModel
+def reward_module():
+    """The module defining ``RewardModel`` and its folder layout (``HEAD_FILE``), imported lazily: the one place
+    that names it."""
+    from ..trainers import reward
 
-    return RewardModel
+    return reward
 
 
 def folder_kind(path: str | os.PathLike) -> str:
@@ -39,9 +38,7 @@ def folder_kind(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"model folder does not exist: {p}")
     if not cfg.is_file():
         raise FileNotFoundError(f"{p} is not a model folder: no config.json")
-    from ..trainers.reward import HEAD_FILE
-
-    if (p / HEAD_FILE).is_file():
+    if (p / reward_module().HEAD_FILE).is_file():
         return "reward"
     try:
         model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
@@ -157,7 +154,7 @@ def load_served_model(path: str | os.PathLike, tokenizer: str | os.PathLike | No
     tok = Tokenizer(tok_path, chat_template=chat_template)
     pixels = None
     if kind == "reward":
-        model = reward_model_class().from_pretrained(path, dtype=dtype)
+        model = reward_module().RewardModel.from_pretrained(path, dtype=dtype)
     elif kind == "vlm":
         from ..images import DefaultPixelValuesProvider
         from ..model.vlm import VlmModel
