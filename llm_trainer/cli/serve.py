@@ -59,9 +59,14 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"llm-trainer serve: {e}", file=sys.stderr)
         return 2
-    server = make_server(served, host=args.host, port=args.port, max_batch=args.max_batch,
-                         max_waiting=args.max_waiting, batch_wait_s=args.batch_wait_ms / 1000.0,
-                         max_body=int(args.max_body_mb * 2 ** 20), image_dir=args.image_dir, verbose=args.verbose)
+    try:
+        server = make_server(served, host=args.host, port=args.port, max_batch=args.max_batch,
+                             max_waiting=args.max_waiting, batch_wait_s=args.batch_wait_ms / 1000.0,
+                             max_body=int(args.max_body_mb * 2 ** 20), image_dir=args.image_dir,
+                             verbose=args.verbose)
+    except (OSError, ValueError) as e:  # address in use, bad --max-batch, ...
+        print(f"llm-trainer serve: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
     host, port = server.server_address[:2]
     print(f"llm-trainer serve: {served.kind} model '{served.name}' on http://{host}:{port} "
           f"(max batch {args.max_batch}, context {served.max_model_len} tokens)", flush=True)

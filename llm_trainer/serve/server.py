@@ -58,14 +58,14 @@ class OpenAIServer(ThreadingHTTPServer):
                  verbose: bool = False):
         self.served, self.max_body, self.verbose = served, max_body, verbose
         self.load_image = image_loader(image_dir)
-        self.engine = self.rewards = None
-        if served.kind == "reward":
-            self.rewards = RewardBatcher(served, max_batch=max_batch, batch_wait_s=batch_wait_s).start()
-        else:
-            self.engine = BatchEngine(served, max_batch=max_batch, max_waiting=max_waiting,
-                                      batch_wait_s=batch_wait_s).start()
         self.created = int(time.time())
-        super().__init__(address, _Handler)
+        if served.kind == "reward":
+            self.engine, self.rewards = None, RewardBatcher(served, max_batch=max_batch, batch_wait_s=batch_wait_s)
+        else:
+            self.rewards = None
+            self.engine = BatchEngine(served, max_batch=max_batch, max_waiting=max_waiting, batch_wait_s=batch_wait_s)
+        super().__init__(address, _Handler)  # binds: fails (address in use) before the model thread starts
+        (self.engine or self.rewards).start()
 
     def close(self) -> None:
         self.server_close()
