@@ -283,6 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
         strip = req.kind == "chat" and s.tokenizer.chat_template == "plain"
         texts = [TextStream(s.tokenizer, req.stop, strip_leading_space=strip) for _ in seqs]
         reasons: list[str | None] = [None] * len(seqs)
+        counts = [0] * len(seqs)  # tokens of each choice up to its end (a cancelled row may run one step longer)
         try:
             engine.submit(seqs)
         except Overloaded as e:
@@ -296,6 +297,7 @@ class _Handler(BaseHTTPRequestHandler):
             for i, kind, value in self._events(seqs, events, reasons):
                 delta, finish = "", None
                 if kind == "token":
+                    counts[i] += 1
                     delta, stopped = texts[i].push(value)
                     if stopped:
                         engine.cancel(seqs[i])
@@ -314,7 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
             for seq in seqs:
                 if not seq.done:
                     engine.cancel(seq)
-        u = usage(sum(len(p.ids) for p in req.prompts), sum(len(seq.tokens) for seq in seqs))
+        u = usage(sum(len(p.ids) for p in req.prompts), sum(counts))
         if req.stream:
             if req.include_usage:
                 self._sse(stream_chunk(req, s.name, None, u=u))
