@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..config_io import ConfigMixin, coerce_field
 from ..generation import GenerateConfig
-from ..losses.policy import GRPO_LOSS_TYPES, KL_ESTIMATORS
+from ..losses.policy import GRPO_LOSS_TYPES, KL_ESTIMATORS, ROLLOUT_CORRECTIONS
 from ..validation import check, int_ge, is_num, num_ge, one_of, prob
 from .optim import OptimConfig
 
@@ -18,6 +18,38 @@ def _check_weights(cfg) -> None:
         cfg.reward_weights = [float(w) for w in cfg.reward_weights]
         check(all(math.isfinite(w) for w in cfg.reward_weights), f"{type(cfg).__name__}.reward_weights",
               cfg.reward_weights, "must be finite numbers")
+
+
+@dataclass(kw_only=True)
+class EpisodeConfig(ConfigMixin):
+    """Limits of multi-turn episodes, used when a trainer is given an ``environment`` (see docs/rl.md)."""
+
+    max_turns: int = 4
+    """Policy turns per episode at most; an episode the environment still answers after the last one is cut."""
+    max_episode_tokens: int | None = None
+    """Token ids per episode at most, prompt and environment turns included (None → no limit but max_turns)."""
+
+    def __post_init__(self) -> None:
+        int_ge(self, "max_turns", 1)
+        int_ge(self, "max_episode_tokens", 2, allow_none=True)
+
+
+@dataclass(kw_only=True)
+class RolloutCorrectionConfig(ConfigMixin):
+    """Importance weights for the gap between the rollout engine's and the trainer's log-probs: truncated (TIS, Yao
+    et al. 2025) or masked (MIS) importance sampling; see losses.policy.rollout_correction_weights."""
+
+    mode: str = "tis"
+    """'tis': weight min(ρ, threshold); 'mis': weight ρ, or 0 where ρ > threshold (ρ = π_old / π_rollout)."""
+    level: str = "token"
+    """'token' (a ratio per token) or 'sequence' (the product of a sample's token ratios, for all its tokens)."""
+    threshold: float = 2.0
+    """The cap C of TIS, the masking threshold of MIS."""
+
+    def __post_init__(self) -> None:
+        one_of(self, "mode", ROLLOUT_CORRECTIONS)
+        one_of(self, "level", ("token", "sequence"))
+        num_ge(self, "threshold", 0.0, strict=True)
 
 
 @dataclass(kw_only=True)
@@ -72,12 +104,18 @@ class GRPOConfig(ConfigMixin):
     """One weight per reward function (None → all 1)."""
     generate_config: GenerateConfig = field(default_factory=GenerateConfig)
     """Sampling settings of the rollouts (max_new_tokens is the completion length limit)."""
+    episode_config: EpisodeConfig = field(default_factory=EpisodeConfig)
+    """Per-episode limits of multi-turn rollouts (with an environment; max_new_tokens then limits each turn)."""
+    rollout_correction: RolloutCorrectionConfig | None = None
+    """TIS/MIS weights for the rollout engine / trainer log-prob gap (None → off)."""
 
     _ALIASES = {"importance_sampling_level": "loss_importance_sampling_level"}
 
     def __post_init__(self) -> None:
         n = "GRPOConfig"
         coerce_field(self, "generate_config", GenerateConfig)
+        coerce_field(self, "episode_config", EpisodeConfig)
+        coerce_field(self, "rollout_correction", RolloutCorrectionConfig)
         int_ge(self, "group_size", 1)
         int_ge(self, "grpo_epochs", 1)
         int_ge(self, "grpo_batch_size", 1, allow_none=True)
@@ -195,11 +233,17 @@ class PPOConfig(ConfigMixin):
     """One weight per reward function (None → all 1)."""
     generate_config: GenerateConfig = field(default_factory=GenerateConfig)
     """Sampling settings of the rollouts."""
+    episode_config: EpisodeConfig = field(default_factory=EpisodeConfig)
+    """Per-episode limits of multi-turn rollouts (with an environment; max_new_tokens then limits each turn)."""
+    rollout_correction: RolloutCorrectionConfig | None = None
+    """TIS/MIS weights for the rollout engine / trainer log-prob gap (None → off)."""
 
     def __post_init__(self) -> None:
         coerce_field(self, "value_optim_config", OptimConfig)
         coerce_field(self, "adaptive_kl", AdaptiveKLConfig)
         coerce_field(self, "generate_config", GenerateConfig)
+        coerce_field(self, "episode_config", EpisodeConfig)
+        coerce_field(self, "rollout_correction", RolloutCorrectionConfig)
         int_ge(self, "ppo_epochs", 1)
         int_ge(self, "ppo_batch_size", 1, allow_none=True)
         int_ge(self, "gradient_accumulation_steps", 1, allow_none=True)

@@ -17,12 +17,13 @@ from torch import Tensor
 from .rl import KL_ESTIMATORS, kl_estimate, masked_fill_zero, masked_mean, masked_sum
 
 __all__ = ["policy_ratio", "ppo_policy_loss", "value_loss", "huber", "grpo_loss", "grpo_units", "GRPO_LOSS_TYPES",
-           "GRPO_AGGREGATIONS", "KL_ESTIMATORS"]
+           "GRPO_AGGREGATIONS", "KL_ESTIMATORS", "rollout_correction_weights", "ROLLOUT_CORRECTIONS"]
 
 # loss_type -> (objective, aggregation)
 GRPO_LOSS_TYPES = {"grpo": ("clip", "grpo"), "bnpo": ("clip", "bnpo"), "dr_grpo": ("clip", "dr_grpo"),
                    "dapo": ("clip", "dapo"), "cispo": ("cispo", "dapo")}
 GRPO_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+ROLLOUT_CORRECTIONS = ("tis", "mis")
 
 
 def policy_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str = "token") -> Tensor:
@@ -77,10 +78,12 @@ def ppo_policy_loss(
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, Schulman et al. 2017 eq. 7, per token:
     ``-min(rho A, clip(rho, 1 - eps, 1 + eps_high) A)``; ``dual_clip = c > 1`` (Ye et al. 2020, dual-clip PPO)
-    additionally bounds the loss of negative-advantage tokens by ``-c A``.
+    additionally bounds the loss of negative-advantage tokens by ``-c A``. ``token_weights [B, T]`` (no grad)
+    multiply each token's term: the rollout-correction weights of :func:`rollout_correction_weights`.
     Returns ``(loss_sum, metrics)``: the sum over masked tokens (unit: tokens). Metrics: ``clip_frac``
     (+ ``/low``, ``/high``), ``dual_clip_frac``, ``approx_kl``, ``ratio/mean``, ``ratio/max``, ``num_tokens``."""
     hi_eps = clip_eps if clip_eps_high is None else clip_eps_high
@@ -97,6 +100,8 @@ def ppo_policy_loss(
         dual = (a < 0) & (loss.detach() > cap)
         loss = torch.where(a < 0, torch.min(loss, cap), loss)
         metrics["dual_clip_frac"] = masked_mean(dual.float(), m)
+    if token_weights is not None:
+        loss = loss * masked_fill_zero(token_weights.detach().float(), m)
     metrics.update(_common_metrics(logp, old_logp, ratio, m))
     return masked_sum(loss, m), metrics
 
@@ -167,6 +172,7 @@ def grpo_loss(
     beta: float = 0.0,
     kl_estimator: str = "k3",
     max_completion_length: int | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO-family policy loss of one micro-batch → ``(loss_sum, metrics)``, summed over the units of
     :func:`grpo_units` (the loop divides by the window's units on all ranks).
@@ -180,7 +186,9 @@ def grpo_loss(
       absolute cap, ours is ``1 + clip_eps_high``).
     * ``beta > 0``: ``+ beta * k_t`` with ``kl_estimator`` (needs ``ref_logp``; k3 by default — its gradient
       follows KL(pi_ref || pi); k2's follows KL(pi || pi_ref); k1's is zero in expectation, see :mod:`.rl`).
-    ``importance_sampling="sequence"`` is GSPO (see :func:`policy_ratio`).
+    ``importance_sampling="sequence"`` is GSPO (see :func:`policy_ratio`). ``token_weights [B, T]`` (no grad)
+    multiply the policy term of every token before the KL term is added: the rollout-correction weights of
+    :func:`rollout_correction_weights` (TIS/MIS).
 
     Sum per aggregation (``m`` = mask; divided by the window's units it is the paper's normaliser):
     * ``grpo``: ``sum_i [sum_t m l / sum_t m]`` — per-sequence token means (unit: sequences with tokens);
@@ -213,6 +221,8 @@ def grpo_loss(
         w = torch.clamp(ratio, max=1.0 + hi_eps).detach()
         per_tok = -w * a * logp32
         metrics["cispo_clip_frac"] = masked_mean(((ratio.detach() > 1.0 + hi_eps) & (a > 0)).float(), m)
+    if token_weights is not None:
+        per_tok = per_tok * masked_fill_zero(token_weights.detach().float(), m)
     if beta > 0:
         kl = kl_estimate(logp32, masked_fill_zero(ref_logp.detach().float(), m), kl_estimator)
         per_tok = per_tok + beta * kl
@@ -229,3 +239,37 @@ def grpo_loss(
     metrics.update(_common_metrics(logp32, old32, ratio, m))
     metrics["loss_sum"] = total.detach()
     return loss, metrics
+
+
+def rollout_correction_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, mode: str = "tis",
+                               level: str = "token", threshold: float = 2.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Importance weights ``[B, T]`` (no grad) that correct the policy gradient for the gap between the rollout
+    engine's policy (``rollout_logp``, the log-probs the sampler drew the tokens with) and the trainer's old policy
+    (``old_logp``, recomputed): ``rho = pi_old / pi_rollout`` per token (``level="token"``), or per sequence
+    ``rho_i = exp(sum_t (old - rollout))`` applied to every token of sample ``i`` (``level="sequence"``).
+
+    * ``mode="tis"``, truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings
+      you off-policy RL training", eq. 3): ``w = min(rho, C)``;
+    * ``mode="mis"``, masked importance sampling (Liu et al. 2025, "When speed kills stability"; TRL's
+      ``*_mask`` modes): ``w = rho`` where ``rho <= C``, else 0 — the token (or sequence) is dropped.
+
+    ``C = threshold``. Metrics: ``rollout_is/mean`` (mean weight), ``rollout_is/ratio_max`` (largest rho) and
+    ``rollout_is/clip_frac`` (share of tokens truncated or masked), over the masked tokens."""
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"rollout correction mode must be one of {ROLLOUT_CORRECTIONS}, got {mode!r}")
+    if level not in ("token", "sequence"):
+        raise ValueError(f"rollout correction level must be 'token' or 'sequence', got {level!r}")
+    if not threshold > 0:
+        raise ValueError(f"rollout correction threshold must be > 0, got {threshold!r}")
+    m = mask.float()
+    diff = masked_fill_zero(old_logp.detach().float() - rollout_logp.detach().float(), m)
+    if level == "sequence":
+        diff = diff.sum(-1, keepdim=True).expand_as(m)
+    rho = torch.exp(diff)
+    over = rho > threshold
+    w = torch.clamp(rho, max=threshold) if mode == "tis" else torch.where(over, torch.zeros_like(rho), rho)
+    w = masked_fill_zero(w, m)
+    metrics = {"rollout_is/mean": masked_mean(w, m), "rollout_is/clip_frac": masked_mean(over.float(), m),
+               "rollout_is/ratio_max": torch.where(m.bool(), rho, torch.zeros_like(rho)).amax() if m.numel()
+               else torch.zeros(())}
+    return w, metrics

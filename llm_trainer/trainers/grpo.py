@@ -106,21 +106,15 @@ class GRPOTrainer(RLTrainer):
         stats["kept_frac"] = len(keep) / max(n, 1)
         stats["sampling_rounds"] = float(len(parts))
         micro = [self._micro_batch(rollout, adv, idx, padding) for idx, padding in self.micro_batch_indices(keep)]
-        self.score_micro_batches(micro)
-        if rollout.gen_logprobs is not None:
-            stats["gen_logprob_diff"] = max(self._gen_logprob_diff(b) for b in micro)
-            if self.old_logprobs_source == "generation":
-                for b in micro:
-                    b["old_logp"] = b["gen_logp"]
-        for b in micro:
-            b.pop("gen_logp", None)
+        stats.update(self.score_micro_batches(micro))
         self.set_rollout_stats(stats)
         return micro
 
     def _micro_batch(self, rollout: Rollout, adv: torch.Tensor, idx: list[int], padding: bool) -> dict[str, Any]:
         sc = self.stage_config
         b = build_sequences([rollout.prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx],
-                            self.pad_token_id())
+                            self.pad_token_id(),
+                            None if rollout.loss_mask is None else [rollout.loss_mask[i] for i in idx])
         mask = b["completion_mask"]
         if sc.mask_truncated_completions:
             mask[torch.tensor([not rollout.finished[i] for i in idx])] = 0.0
@@ -132,21 +126,11 @@ class GRPOTrainer(RLTrainer):
             b["pixel_values"] = torch.cat([p for p in images if p is not None and p.numel()])
             b["image_counts"] = torch.tensor([0 if p is None else p.shape[0] for p in images], dtype=torch.long)
         b["units"] = {MAIN: grpo_units(mask, self.aggregation, row_mask)}
-        if rollout.gen_logprobs is not None:
-            g = torch.zeros_like(mask)
-            for r, i in enumerate(idx):
-                lp = rollout.gen_logprobs[i]
-                g[r, :lp.numel()] = lp
-            b["gen_logp"] = g
+        self.attach_generation_logps(b, rollout, idx)
         if sc.ptx_coef > 0:
             b.update(self.ptx_batch([rollout.prompt_ids[i] for i in idx], [rollout.answer_ids[i] for i in idx]))
             b["units"]["ptx"] = 0 if padding else self.ptx_units(b)
         return b
-
-    @staticmethod
-    def _gen_logprob_diff(b: dict[str, Any]) -> float:
-        m = b["completion_mask"] > 0
-        return float((b["gen_logp"] - b["old_logp"]).abs()[m].max()) if bool(m.any()) else 0.0
 
     # ---------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
@@ -158,7 +142,8 @@ class GRPOTrainer(RLTrainer):
             objective=self.objective, clip_eps_low=sc.loss_clip_eps, clip_eps_high=sc.clip_eps_high,
             delta=sc.loss_delta, importance_sampling=sc.loss_importance_sampling_level,
             ref_logp=batch.get("ref_logp"), beta=sc.loss_beta, kl_estimator=sc.kl_estimator,
-            max_completion_length=sc.generate_config.max_new_tokens)
+            max_completion_length=sc.generate_config.max_new_tokens, token_weights=batch.get("is_weight"))
+        self.probe_logprob_gap(batch, out["logp"])
         terms = {MAIN: loss}
         ntok = float(mask.sum())
         extra: dict[str, float] = {

@@ -150,8 +150,10 @@ class PPOTrainer(RLTrainer):
         micro = []
         for idx, padding in self.micro_batch_indices(keep):
             b = build_sequences([rollout.prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx],
-                                self.pad_token_id())
+                                self.pad_token_id(),
+                                None if rollout.loss_mask is None else [rollout.loss_mask[i] for i in idx])
             b["completion_mask"] *= 0.0 if padding else 1.0
+            self.attach_generation_logps(b, rollout, idx)
             b["units"] = {MAIN: int(b["completion_mask"].sum())}
             b["_scores"], b["_finished"] = scores[idx], finished[idx]
             b["_lengths"] = torch.tensor([len(rollout.completion_ids[i]) for i in idx])
@@ -164,7 +166,7 @@ class PPOTrainer(RLTrainer):
                 b.update(self.ptx_batch([rollout.prompt_ids[i] for i in idx], [rollout.answer_ids[i] for i in idx]))
                 b["units"]["ptx"] = 0 if padding else self.ptx_units(b)
             micro.append(b)
-        self.score_micro_batches(micro, with_values=True)
+        stats.update(self.score_micro_batches(micro, with_values=True))
         stats.update(self._advantages(micro))
         stats["score_mean"] = float(scores[~dropped].mean()) if keep else 0.0
         self.set_rollout_stats(stats)
@@ -246,7 +248,9 @@ class PPOTrainer(RLTrainer):
         mask = batch["completion_mask"]
         out = self.policy_logps(model, batch, with_entropy=True, with_values=True)
         T = mask.size(1)
-        pg_sum, pm = ppo_policy_loss(out["logp"], batch["old_logp"], batch["advantages"], mask, clip_eps=sc.clip_eps)
+        pg_sum, pm = ppo_policy_loss(out["logp"], batch["old_logp"], batch["advantages"], mask, clip_eps=sc.clip_eps,
+                                     token_weights=batch.get("is_weight"))
+        self.probe_logprob_gap(batch, out["logp"])
         vf_sum, vm = value_loss(out["values"][:, :T], batch["old_values"], batch["returns"], mask,
                                 sc.value_clip_eps, sc.huber_delta)
         terms = {MAIN: pg_sum + sc.vf_coef * vf_sum}

@@ -13,6 +13,12 @@ with a stop token (False: truncated at ``max_new_tokens``). A reward model — a
 ``score(prompt_ids, completion_ids) -> [N]`` (``llm_trainer.RewardModel``) — is a source too. Several sources
 are combined as ``sum_k w_k r_k``; a raising function, a NaN/inf value or a wrong length raises
 :class:`RewardFunctionError` naming the function.
+
+Multi-turn episodes (a trainer with an ``environment``): ``completions`` are the episodes' final replies (the text
+of the last policy turn), ``completion_ids`` / dense rewards cover everything after the prompt (generated and
+environment ids), ``messages`` is each episode's conversation and ``env_rewards`` its environment reward. The
+environment reward is added to the weighted sum of the reward functions (:meth:`RewardOutput.plus_environment`);
+reward functions are then optional.
 """
 from __future__ import annotations
 
@@ -52,7 +58,8 @@ class RewardModelSource:
             return self.model.score(prompt_ids, completion_ids)
 
 
-_REWARD_ARGS = ("prompts", "completions", "prompt_ids", "completion_ids", "answers", "answer_ids", "finished")
+_REWARD_ARGS = ("prompts", "completions", "prompt_ids", "completion_ids", "answers", "answer_ids", "finished",
+                "messages", "env_rewards")
 
 
 def _accepted(fn: Callable) -> tuple[str, ...] | None:
@@ -88,18 +95,24 @@ class RewardOutput:
             return self.scores
         return self.scores + torch.stack([d.sum() for d in self.dense])
 
+    def plus_environment(self, env_rewards: torch.Tensor) -> "RewardOutput":
+        """The environment's episode rewards added to the scores (and reported as the source ``env``)."""
+        return RewardOutput(self.scores + env_rewards, self.dense, {**self.per_function, "env": env_rewards})
+
 
 class RewardSet:
-    """Several reward sources with weights. ``funcs``: a callable, a reward model, or a list of them.
-    ``allow_nonfinite``: pass NaN/inf values through (the trainer skips those samples, ``nan_policy='skip'``)
-    instead of raising :class:`RewardFunctionError`."""
+    """Several reward sources with weights. ``funcs``: a callable, a reward model, or a list of them (None or empty
+    only with ``optional=True``: an environment gives the rewards). ``allow_nonfinite``: pass NaN/inf values
+    through (the trainer skips those samples, ``nan_policy='skip'``) instead of raising
+    :class:`RewardFunctionError`."""
 
-    def __init__(self, funcs: Any, weights: Sequence[float] | None = None, allow_nonfinite: bool = False):
+    def __init__(self, funcs: Any, weights: Sequence[float] | None = None, allow_nonfinite: bool = False,
+                 optional: bool = False):
         self.allow_nonfinite = allow_nonfinite
-        if funcs is None:
+        if funcs is None and not optional:
             raise ValueError("reward_func is required: a reward function, a reward model (with .score) or a list")
-        items = list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
-        if not items:
+        items = [] if funcs is None else list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
+        if not items and not optional:
             raise ValueError("reward_func: empty list")
         self.funcs: list[Callable] = []
         self.names: list[str] = []
@@ -128,7 +141,8 @@ class RewardSet:
         kwargs = dict(prompts=rollout.prompt_text, completions=rollout.completion_text,
                       prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
                       answers=rollout.answer_text or [None] * n, answer_ids=rollout.answer_ids or [None] * n,
-                      finished=rollout.finished)
+                      finished=rollout.finished, messages=rollout.messages or [None] * n,
+                      env_rewards=rollout.env_reward or [0.0] * n)
         scores = torch.zeros(n, dtype=torch.float32)
         dense: list[torch.Tensor] | None = None
         per_fn: dict[str, torch.Tensor] = {}
@@ -197,7 +211,7 @@ class RewardSet:
         if total.numel():
             m["reward/mean"] = float(total.mean())
             m["reward/std"] = float(total.std(unbiased=False))
-        if len(self.names) > 1 or self.names[0] != "reward":
+        if len(out.per_function) > 1 or list(out.per_function) != ["reward"]:
             for name, v in out.per_function.items():
                 if v.numel():
                     m[f"reward/{name}/mean"] = float(v.mean())

@@ -1,25 +1,32 @@
 """`RLTrainer`: what GRPO and PPO share on top of the one loop — prompt data, the rollout engine
 (:mod:`.rollout`), rewards (:mod:`.rewards`), the reference model (:mod:`.reference`), rollout micro-batches kept in
-step across ranks, and reward evaluation. Subclasses implement ``make_rollout_batches``.
+step across ranks, reward evaluation, multi-turn episodes with an environment (:mod:`llm_trainer.envs`), and the
+gap between the rollout engine's log-probs and the trainer's (logged every rollout; TIS/MIS corrections).
+Subclasses implement ``make_rollout_batches``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..data.collate import IGNORE_INDEX, PromptCollate, pad_with_mask
+from ..envs.base import build_environment, checked_reset, read_records
+from ..envs.episodes import Episode, EpisodeLimits, episode_stats, run_episodes
+from ..envs.turns import TurnEncoder
 from ..generation import generate
-from ..losses import chunked_lm_loss
+from ..losses import chunked_lm_loss, rollout_correction_weights
 from .base import BaseTrainer
 from .collective import even_batches, mean_over_ranks, sum_over_ranks
 from .images import expand_items, is_vlm, load_images
 from .reference import Reference, build_reference, eval_mode
 from .rewards import RewardOutput, RewardSet
-from .rollout import GenerationResult, Rollout, RolloutEngine, Timer, completion_logps, disable_stochasticity
+from .rollout import (GapMeter, GenerationResult, Rollout, RolloutEngine, Timer, completion_logps,
+                      disable_stochasticity)
 
 __all__ = ["RLTrainer"]
 
@@ -39,18 +46,25 @@ class RLTrainer(BaseTrainer):
     """``reward_func``: a reward function, a reward model (``.score``) or a list of them (see :mod:`.rewards`);
     ``reward_weights``: one weight per source (None → the stage config's ``reward_weights`` or all 1).
     ``generation_service``: see :class:`~.rollout.GenerationService`. ``old_logprobs``: 'recompute' (default,
-    exact ratio 1) or 'generation' (use the sampler's log-probs; only sensible with an external engine whose
-    numerics you trust, and never with top-k/top-p/repetition penalty, which change the sampling distribution)."""
+    exact ratio 1) or 'generation' (use the sampler's log-probs and skip the old-policy forward pass; only
+    sensible with an engine whose numerics you trust, and never with top-k/top-p/repetition penalty, which change
+    the sampling distribution). ``environment``: a factory (a class or a zero-argument callable) of
+    :class:`~llm_trainer.envs.Environment` s — one per episode — for multi-turn rollouts; the data are then records
+    (dicts, or ``.jsonl`` files) handed to ``environment.reset``, and ``reward_func`` is optional."""
 
     stage = "rl"
     loss_unit = "tokens"
 
     def __init__(self, *, train_config, reward_func: Any = None, reward_weights: Sequence[float] | None = None,
                  eval_prompts: list[str] | None = None, generation_service: Any = None,
-                 old_logprobs: str = "recompute", **kwargs: Any) -> None:
+                 old_logprobs: str = "recompute", environment: Any = None, **kwargs: Any) -> None:
         if old_logprobs not in ("recompute", "generation"):
             raise ValueError(f"old_logprobs must be 'recompute' or 'generation', got {old_logprobs!r}")
+        if environment is not None and not callable(environment):
+            raise TypeError(f"environment must be a factory (a class or a zero-argument callable) building one "
+                            f"environment per episode, got {type(environment).__name__}")
         self.old_logprobs_source = old_logprobs
+        self.environment = environment
         self.generation_service = generation_service
         self.reward_func, self.reward_weights = reward_func, reward_weights
         self.rollouts_done = 0
@@ -61,10 +75,19 @@ class RLTrainer(BaseTrainer):
 
     def setup(self) -> None:
         sc = self.stage_config
+        if sc.rollout_correction is not None and self.old_logprobs_source == "generation":
+            raise ValueError(f"{type(sc).__name__}.rollout_correction weighs the gap between the generation "
+                             f"log-probs and the recomputed old log-probs; with old_logprobs='generation' there is "
+                             f"no recomputation (the weights would all be 1)")
         weights = self.reward_weights if self.reward_weights is not None else sc.reward_weights
         self.rewards = RewardSet(self.reward_func, weights,        # checked before the model is built
-                                 allow_nonfinite=self.config.nan_policy == "skip")
+                                 allow_nonfinite=self.config.nan_policy == "skip",
+                                 optional=self.environment is not None)
         super().setup()
+        if self.environment is not None:
+            if self.tokenizer is None:
+                raise ValueError("an environment needs TrainConfig.tokenizer: its chat template renders the turns")
+            self.turn_encoder = TurnEncoder(self.tokenizer)
         self.engine = RolloutEngine(self.backend, sc.generate_config, self.stop_token_ids(), self.pad_token_id(),
                                     group_size=self.group_size, chunk_size=sc.chunked_rollout_size,
                                     service=self.generation_service, vocab_size=self.model_config.vocab_size)
@@ -106,6 +129,12 @@ class RLTrainer(BaseTrainer):
             return files
         if isinstance(files, (list, tuple)) and files and isinstance(files[0], dict):
             return _ListDataset(list(files))
+        if self.environment is not None:               # records for environment.reset
+            paths = [files] if isinstance(files, (str, Path)) else list(files)
+            if not all(str(p).endswith(".jsonl") for p in paths):
+                raise ValueError(f"with an environment the RL data are records for environment.reset: a list of "
+                                 f"dicts or .jsonl files, got {files!r}")
+            return _ListDataset([r for p in paths for r in read_records(str(p))])
         from ..data.datasets import open_dataset
         return open_dataset("rl", files, self.config.block_size, vocab_size=self.model_config.vocab_size,
                             tokenizer=self.tokenizer)
@@ -114,6 +143,8 @@ class RLTrainer(BaseTrainer):
         return PromptCollate()
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
+        if self.environment is not None:
+            return {"records": list(items)}
         out = self.collate_fn(items)
         out.pop("images", None)
         if is_vlm(self.model_config):      # VLM: expanded image tokens, each prompt's pixel values
@@ -175,12 +206,6 @@ class RLTrainer(BaseTrainer):
                     if self.global_step >= self.total_steps:
                         return
 
-    def train_step(self, window: list[dict[str, Any]]) -> dict[str, Any]:
-        stats = super().train_step(window)
-        if not stats.get("_skipped"):
-            stats.update(self.rollout_stats)
-        return stats
-
     # -------------------------------------------------------------------------------------------- rollouts
     def rollout_generator(self) -> torch.Generator:
         """Sampling RNG of this rollout: seeded by (seed, rank, rollout number), so ranks differ and resume repeats."""
@@ -190,7 +215,9 @@ class RLTrainer(BaseTrainer):
         return g
 
     def sample(self, prompt_batch: dict[str, Any]) -> tuple[Rollout, RewardOutput]:
-        """Generate ``group_size`` completions per prompt and score them."""
+        """Generate ``group_size`` completions (or episodes, with an environment) per prompt and score them."""
+        if self.environment is not None:
+            return self.sample_episodes(prompt_batch["records"])
         prompts = prompt_batch["prompt_ids"]
         G = self.group_size
         with self.timer("generate"):
@@ -211,33 +238,147 @@ class RLTrainer(BaseTrainer):
             return self.engine.generate(self.policy_for_generation(plain), prompts, generator, gather=False,
                                         pixel_values=pixel_values)
 
+    # ------------------------------------------------------------------------------------ multi-turn episodes
+    def new_episodes(self, records: list[dict], per_record: int) -> list[Episode]:
+        """``per_record`` fresh episodes per record (consecutive): an environment each, reset, first prompt ids."""
+        episodes: list[Episode] = []
+        for rec in records:
+            for _ in range(per_record):
+                env = build_environment(self.environment)
+                tools = getattr(env, "tools", None)
+                if callable(getattr(env, "bind_template", None)):
+                    env.bind_template(self.turn_encoder.chat_template(tools))
+                msgs = checked_reset(env, rec, len(episodes))
+                episodes.append(Episode(len(episodes), rec, env, tools, msgs,
+                                        self.turn_encoder.prompt_ids(msgs, tools)))
+        return episodes
+
+    def play_episodes(self, episodes: list[Episode], engine: RolloutEngine,
+                      generator: torch.Generator | None) -> list[list[int]]:
+        """Play ``episodes`` to their end (:func:`~llm_trainer.envs.episodes.run_episodes`): the weights are
+        gathered once (ZeRO-3: collective, every rank enters once whatever its number of generation rounds);
+        rounds of at most ``chunked_rollout_size`` episodes. Returns each round's turn numbers."""
+        ec = self.stage_config.episode_config
+        limits = EpisodeLimits(ec.max_turns, ec.max_episode_tokens)
+        with self.backend.gathered_for_generation(self.model) as plain:
+            policy = self.policy_for_generation(plain)
+            return run_episodes(episodes, lambda ctx: engine.generate_contexts(policy, ctx, generator),
+                                self.turn_encoder, self.decode, limits, self.stage_config.chunked_rollout_size)
+
+    def episode_rollout(self, episodes: list[Episode], group_size: int) -> Rollout:
+        """The :class:`~.rollout.Rollout` of finished episodes (``group_size`` consecutive episodes per record)."""
+        answers = [e.record.get("answer") if isinstance(e.record, dict) else None for e in episodes]
+        return Rollout(
+            prompt_ids=[e.prompt_ids for e in episodes], completion_ids=[e.ids for e in episodes],
+            finished=[e.finished for e in episodes], group=[i // group_size for i in range(len(episodes))],
+            gen_logprobs=None if any(e.logprobs is None for e in episodes)
+            else [torch.tensor(e.logprobs, dtype=torch.float32) for e in episodes],
+            answer_ids=[None if a is None else self.tokenizer.encode(str(a)) for a in answers],
+            answer_text=[None if a is None else str(a) for a in answers],
+            prompt_text=[self.decode(e.prompt_ids) for e in episodes],
+            completion_text=[e.final_text for e in episodes], loss_mask=[e.loss_mask for e in episodes],
+            messages=[e.messages for e in episodes], env_reward=[e.env_reward for e in episodes])
+
+    def sample_episodes(self, records: list[dict]) -> tuple[Rollout, RewardOutput]:
+        """``group_size`` episodes per record, played with the environment and scored (environment reward plus
+        the reward functions); the episode statistics join the rollout's."""
+        G = self.group_size
+        episodes = self.new_episodes(records, G)
+        with self.timer("generate"):
+            rounds = self.play_episodes(episodes, self.engine, self.rollout_generator())
+        rollout = self.episode_rollout(episodes, G)
+        with self.timer("reward"):
+            rewards = self.rewards(rollout).plus_environment(torch.tensor(rollout.env_reward, dtype=torch.float32))
+        self.episode_stats = episode_stats(episodes)
+        self.episode_stats["env/generation_rounds"] = float(len(rounds))
+        self.episode_stats["env/mixed_turn_rounds"] = float(sum(len(set(r)) > 1 for r in rounds))
+        return rollout, rewards
+
     def policy_logps(self, model: nn.Module, batch: dict[str, Any], **kw) -> dict[str, torch.Tensor]:
         """:func:`completion_logps` of the trained policy (``model`` may be the wrapped module)."""
         with self.backend.output_projection(self.policy_plain()) as project:
             return completion_logps(model, batch, self.temperature, project=project, **kw)
 
     @torch.no_grad()
-    def score_micro_batches(self, batches: list[dict[str, Any]], with_values: bool = False) -> None:
+    def score_micro_batches(self, batches: list[dict[str, Any]], with_values: bool = False) -> dict[str, float]:
         """Adds ``old_logp`` (and ``ref_logp`` when a reference is used, ``old_values`` for PPO) to every
         micro-batch: the policy in eval mode through :func:`completion_logps`, under the same autocast as the
-        update (ratio exactly 1)."""
+        update (ratio exactly 1). Micro-batches carrying the generation log-probs (``gen_logp``) get the
+        rollout/trainer gap measured (returned, over all ranks: ``logprob_gap/*``) and, with
+        ``rollout_correction``, TIS/MIS weights (``is_weight``). With ``old_logprobs='generation'`` the generation
+        log-probs are the old ones and the policy forward is skipped (unless PPO needs its values); the gap is then
+        measured by the first update of the rollout, whose policy is still the old one. Collective."""
+        skip_old = self.old_logprobs_source == "generation" and not with_values
+        has_gen = bool(batches) and "gen_logp" in batches[0]
+        if skip_old and not has_gen:
+            raise ValueError("old_logprobs='generation' needs generation log-probs, and the generation service "
+                             f"{self.generation_service!r} returned none")
         plain = self.backend.unwrap(self.model)       # ZeRO-3: each module gathers its own weights in forward
         with eval_mode(plain):
             policy = self.policy_for_generation(plain)
             with self.backend.output_projection(policy) as project:
                 for b in batches:
                     dev = self.to_device(b)
-                    with self.timer("old_logp"), self.backend.autocast():
-                        out = completion_logps(plain if with_values else policy, dev, self.temperature,
-                                               project=project, with_values=with_values)
-                    b["old_logp"] = out["logp"].detach().float().cpu()
-                    if with_values:
-                        b["old_values"] = out["values"].detach().float().cpu()
+                    if not skip_old:
+                        with self.timer("old_logp"), self.backend.autocast():
+                            out = completion_logps(plain if with_values else policy, dev, self.temperature,
+                                                   project=project, with_values=with_values)
+                        b["old_logp"] = out["logp"].detach().float().cpu()
+                        if with_values:
+                            b["old_values"] = out["values"].detach().float().cpu()
                     if self.reference is not None:
                         with self.timer("reference"), self.backend.autocast(), self.reference.active() as ref, \
                                 self.backend.output_projection(ref) as ref_project:
                             ref_lp = completion_logps(ref, dev, self.temperature, project=ref_project)["logp"]
                         b["ref_logp"] = ref_lp.detach().float().cpu()
+        return self._rollout_consistency(batches, skip_old) if has_gen else {}
+
+    def _rollout_consistency(self, batches: list[dict[str, Any]], skipped: bool) -> dict[str, float]:
+        """Gap statistics and TIS/MIS weights from ``gen_logp`` vs ``old_logp`` (see :meth:`score_micro_batches`);
+        ``gen_logp`` is removed from the micro-batches."""
+        rc = self.stage_config.rollout_correction
+        stats: dict[str, float] = {}
+        if skipped:
+            for b in batches[:self.grad_accum]:         # the first window updates from the old policy
+                b["gap_probe"] = True
+        else:
+            gap = GapMeter()
+            is_sums = {"rollout_is/mean": 0.0, "rollout_is/clip_frac": 0.0, "_tokens": 0.0}
+            for b in batches:
+                gap.add(b["old_logp"], b["gen_logp"], b["completion_mask"])
+                if rc is not None:
+                    b["is_weight"], m = rollout_correction_weights(b["old_logp"], b["gen_logp"],
+                                                                   b["completion_mask"], rc.mode, rc.level,
+                                                                   rc.threshold)
+                    n = float(b["completion_mask"].sum())
+                    is_sums["rollout_is/mean"] += float(m["rollout_is/mean"]) * n
+                    is_sums["rollout_is/clip_frac"] += float(m["rollout_is/clip_frac"]) * n
+                    is_sums["_tokens"] += n
+            stats = gap.reduce(self.backend)
+            if rc is not None:
+                totals = sum_over_ranks(self.backend, is_sums)
+                tokens = max(totals.pop("_tokens"), 1.0)
+                stats.update({k: v / tokens for k, v in totals.items()})
+        for b in batches:
+            g = b.pop("gen_logp")
+            if self.old_logprobs_source == "generation":
+                b["old_logp"] = g
+        return stats
+
+    def probe_logprob_gap(self, batch: dict[str, Any], logp: torch.Tensor) -> None:
+        """In the first update of a rollout whose old-policy forward was skipped (``gap_probe``), the current
+        log-probs are the old policy's: measure their gap to the generation log-probs (``old_logp``)."""
+        if batch.get("gap_probe"):
+            self._gap_probe.add(logp.detach().float(), batch["old_logp"], batch["completion_mask"])
+
+    def train_step(self, window: list[dict[str, Any]]) -> dict[str, Any]:
+        self._gap_probe = GapMeter()
+        stats = super().train_step(window)
+        if window and window[0].get("gap_probe"):     # collective: the same window is the probe on every rank
+            self.rollout_stats.update(self._gap_probe.reduce(self.backend))
+        if not stats.get("_skipped"):
+            stats.update(self.rollout_stats)
+        return stats
 
     def set_rollout_stats(self, stats: dict[str, float]) -> None:
         """Rollout statistics (this rank's), averaged over ranks and logged with the steps of this rollout."""
@@ -251,6 +392,17 @@ class RLTrainer(BaseTrainer):
         the same number of micro-batches (ZeRO-3/DDP run the same collectives everywhere); padding micro-batches
         run a forward/backward with an all-zero loss mask."""
         return list(even_batches(self.backend, keep, self.rollout_micro_batch_size(), 0))
+
+    @staticmethod
+    def attach_generation_logps(b: dict[str, Any], rollout: Rollout, idx: list[int]) -> None:
+        """``gen_logp [B, T]``: the rollout engine's log-probs of the micro-batch's completion ids (if it gave any)."""
+        if rollout.gen_logprobs is None:
+            return
+        g = torch.zeros_like(b["completion_mask"])
+        for r, i in enumerate(idx):
+            lp = rollout.gen_logprobs[i]
+            g[r, :lp.numel()] = lp
+        b["gen_logp"] = g
 
     def ptx_batch(self, prompts: list[list[int]], answers: list[list[int] | None]) -> dict[str, torch.Tensor]:
         """Prompt + reference answer rows for the pretraining-mix LM loss (labels on the answer tokens)."""
@@ -287,6 +439,8 @@ class RLTrainer(BaseTrainer):
         dataset items, this rank's share); summed over ranks. Collective."""
         gc = self.stage_config.generate_config
         config = dataclasses.replace(gc, do_sample=False) if greedy else gc
+        if self.environment is not None:
+            return self._evaluate_episodes(items, config)
         sums: dict[str, float] = {"_count": 0.0, "eval_reward": 0.0}
         if len(self.rewards.names) > 1:
             sums.update({f"eval_reward/{n}": 0.0 for n in self.rewards.names})
@@ -318,6 +472,24 @@ class RLTrainer(BaseTrainer):
         count = totals.pop("_count")
         return {k: v / max(count, 1.0) for k, v in totals.items()}
 
+    def _evaluate_episodes(self, records: list[dict], config) -> dict[str, float]:
+        """:meth:`evaluate_rewards` with an environment: one episode per record, played with ``config``;
+        ``eval_reward`` (and per source) and the episode statistics as ``eval_env/*``. Collective."""
+        engine = RolloutEngine(self.backend, config, self.stop_token_ids(), self.pad_token_id(),
+                               service=self.generation_service, vocab_size=self.model_config.vocab_size)
+        episodes = self.new_episodes(list(records), 1)
+        self.play_episodes(episodes, engine, None)
+        sums: dict[str, float] = {"_count": float(len(episodes)), "eval_reward": 0.0}
+        if episodes:
+            rollout = self.episode_rollout(episodes, 1)
+            r = self.rewards(rollout).plus_environment(torch.tensor(rollout.env_reward, dtype=torch.float32))
+            sums["eval_reward"] = float(r.total.sum())
+            sums.update({f"eval_reward/{k}": float(v.sum()) for k, v in r.per_function.items()})
+            sums.update({f"eval_{k}": v * len(episodes) for k, v in episode_stats(episodes).items()})
+        totals = sum_over_ranks(self.backend, sums)
+        count = totals.pop("_count")
+        return {k: v / max(count, 1.0) for k, v in totals.items()}
+
     # -------------------------------------------------------------------------------------------- overrides
     def make_rollout_batches(self, prompts: Iterator[dict[str, Any]]) -> list[dict[str, Any]] | None:
         raise NotImplementedError
@@ -333,8 +505,10 @@ class RLTrainer(BaseTrainer):
         return bad
 
     def rollout_summary(self, rollout: Rollout, rewards: RewardOutput) -> dict[str, float]:
-        """Reward, completion-length and truncation statistics of one rollout on this rank (finite rewards)."""
-        lens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        """Reward, completion-length (generated tokens) and truncation statistics of one rollout on this rank (finite
+        rewards), and the episode statistics (``env/*``) of a multi-turn rollout."""
+        lens = torch.tensor([sum(m) for m in rollout.loss_mask] if rollout.loss_mask is not None
+                            else [len(c) for c in rollout.completion_ids], dtype=torch.float32)
         finite = torch.isfinite(rewards.total)
         if not bool(finite.all()):
             rewards = RewardOutput(rewards.scores[finite],
@@ -343,5 +517,7 @@ class RLTrainer(BaseTrainer):
         stats = dict(self.rewards.metrics(rewards))
         stats["completion_len"] = float(lens.mean()) if lens.numel() else 0.0
         stats["truncated_frac"] = float(1.0 - sum(rollout.finished) / max(len(rollout), 1))
+        if self.environment is not None:
+            stats.update(self.episode_stats)
         return stats
 

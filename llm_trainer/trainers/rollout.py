@@ -17,6 +17,13 @@ Old log-probs (importance ratio)
     Incremental KV-cache decoding differs from a full forward pass in the last bits, which is why the generation
     log-probs are only logged (``gen_logprob_diff``) unless ``old_logprobs="generation"``.
 
+Multi-turn episodes (an environment, :mod:`llm_trainer.envs`)
+    A sample's ``completion_ids`` is then everything after the first prompt — generated turns and the
+    environment's turns, as token ids appended once — and ``loss_mask`` marks the generated ids; the log-prob
+    forward pass and the losses see exactly these ids, the environment's tokens masked out of every loss.
+    :meth:`RolloutEngine.generate_contexts` generates one turn for a list of contexts, sharing the prefill of
+    identical ones (the first turn of a group).
+
 Rewards are computed by :mod:`.rewards`; the RL trainer that drives all this is :mod:`.rl`.
 """
 from __future__ import annotations
@@ -32,12 +39,12 @@ from torch import nn
 
 from ..data.collate import pad_with_mask
 from ..generation import GenerateConfig, generate
-from ..losses import chunked_token_logps
+from ..losses import chunked_token_logps, kl_estimate
 from ..parallel.base import head_projection
 
 __all__ = [
     "GenerationService", "GenerationResult", "Rollout", "RolloutEngine", "completion_logps", "build_sequences",
-    "disable_stochasticity", "Timer",
+    "disable_stochasticity", "Timer", "GapMeter",
 ]
 
 
@@ -75,6 +82,9 @@ class Rollout:
     prompt_text: list[str] = field(default_factory=list)
     completion_text: list[str] = field(default_factory=list)
     pixel_values: list[torch.Tensor | None] = field(default_factory=list)   # VLM: each sample's prompt images
+    loss_mask: list[list[int]] | None = None          # multi-turn: 1 on generated ids, 0 on the environment's
+    messages: list[list[dict]] = field(default_factory=list)                 # multi-turn: each episode's conversation
+    env_reward: list[float] = field(default_factory=list)                    # multi-turn: the environment's reward
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -86,11 +96,14 @@ class Rollout:
                        gen_logprobs=pick(self.gen_logprobs) if self.gen_logprobs is not None else None,
                        answer_ids=pick(self.answer_ids), answer_text=pick(self.answer_text),
                        prompt_text=pick(self.prompt_text), completion_text=pick(self.completion_text),
-                       pixel_values=pick(self.pixel_values))
+                       pixel_values=pick(self.pixel_values),
+                       loss_mask=pick(self.loss_mask) if self.loss_mask is not None else None,
+                       messages=pick(self.messages), env_reward=pick(self.env_reward))
 
     @staticmethod
     def concat(parts: Sequence["Rollout"]) -> "Rollout":
-        out = Rollout([], [], [], [], gen_logprobs=[] if all(p.gen_logprobs is not None for p in parts) else None)
+        out = Rollout([], [], [], [], gen_logprobs=[] if all(p.gen_logprobs is not None for p in parts) else None,
+                      loss_mask=[] if parts and all(p.loss_mask is not None for p in parts) else None)
         offset = 0
         for p in parts:
             out.prompt_ids += p.prompt_ids
@@ -105,6 +118,10 @@ class Rollout:
             out.prompt_text += p.prompt_text
             out.completion_text += p.completion_text
             out.pixel_values += p.pixel_values
+            if out.loss_mask is not None:
+                out.loss_mask += p.loss_mask
+            out.messages += p.messages
+            out.env_reward += p.env_reward
         return out
 
 
@@ -129,25 +146,27 @@ class RolloutEngine:
         """The temperature log-probs are scaled with: the sampling temperature, 1 for greedy decoding."""
         return 1.0 if self.config.greedy else float(self.config.temperature)
 
-    def _prompt_chunks(self, n: int) -> Iterator[tuple[int, int]]:
-        per = n if not self.chunk_size else max(1, self.chunk_size // self.group_size)
+    def _prompt_chunks(self, n: int, group_size: int) -> Iterator[tuple[int, int]]:
+        per = n if not self.chunk_size else max(1, self.chunk_size // group_size)
         for s in range(0, n, per):
             yield s, min(n, s + per)
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: list[list[int]], generator: torch.Generator | None = None,
-                 gather: bool = True, pixel_values: list[torch.Tensor | None] | None = None) -> GenerationResult:
-        """Completions for ``prompts`` (prompt-major, ``group_size`` each). Collective under ZeRO-3 unless
-        ``gather=False`` (``model`` is then already a plain module with full weights). ``pixel_values[i]``: the
-        images ``[n_i, 3, H, W]`` (or None) of prompt ``i`` (VLM)."""
+                 gather: bool = True, pixel_values: list[torch.Tensor | None] | None = None,
+                 group_size: int | None = None) -> GenerationResult:
+        """Completions for ``prompts`` (prompt-major, ``group_size`` each; None → the engine's). Collective under
+        ZeRO-3 unless ``gather=False`` (``model`` is then already a plain module with full weights).
+        ``pixel_values[i]``: the images ``[n_i, 3, H, W]`` (or None) of prompt ``i`` (VLM)."""
+        group_size = self.group_size if group_size is None else group_size
         comps: list[list[int]] = []
         lps: list[torch.Tensor] | None = []
         fins: list[bool] = []
         ctx = self.backend.gathered_for_generation(model) if gather else contextlib.nullcontext(model)
         with ctx as plain:
-            for s, e in self._prompt_chunks(len(prompts)):
+            for s, e in self._prompt_chunks(len(prompts), group_size):
                 res = self._generate_chunk(plain, prompts[s:e], generator,
-                                           pixel_values[s:e] if pixel_values is not None else None)
+                                           pixel_values[s:e] if pixel_values is not None else None, group_size)
                 comps += res.completions
                 fins += res.finished
                 if lps is not None and res.logprobs is not None:
@@ -156,19 +175,33 @@ class RolloutEngine:
                     lps = None
         return GenerationResult(comps, lps, fins)
 
-    def _generate_chunk(self, model, prompts, generator, pixel_values=None) -> GenerationResult:
-        n = len(prompts) * self.group_size
+    def generate_contexts(self, model: nn.Module, contexts: list[list[int]],
+                          generator: torch.Generator | None = None) -> GenerationResult:
+        """One completion per context (``model``: a plain module with full weights). Runs of identical consecutive
+        contexts — the first turn of a group — are prefilled once when all runs have the same length."""
+        runs = [1]
+        for a, b in zip(contexts, contexts[1:]):
+            if a == b:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        g = runs[0] if contexts and len(set(runs)) == 1 else 1
+        return self.generate(model, contexts[::g], generator, gather=False, group_size=g)
+
+    def _generate_chunk(self, model, prompts, generator, pixel_values=None, group_size=None) -> GenerationResult:
+        group_size = self.group_size if group_size is None else group_size
+        n = len(prompts) * group_size
         images = [p for p in (pixel_values or []) if p is not None and p.numel()]
         if images and self.service is not None:
             raise NotImplementedError("a generation_service cannot be used with image prompts (VLM) yet")
         if self.service is None:
             kw = {"pixel_values": torch.cat(images).to(next(model.parameters()).device)} if images else {}
             out = generate(model, prompts, self.config, eos_token_ids=self.eos_token_ids,
-                           pad_token_id=self.pad_token_id, group_size=self.group_size, return_logprobs=True,
+                           pad_token_id=self.pad_token_id, group_size=group_size, return_logprobs=True,
                            generator=generator, **kw)
             return GenerationResult(out.completions, out.logprobs, out.finished)
         name = getattr(self.service, "__name__", type(self.service).__name__)
-        raw = self.service(model, prompts, self.config, self.group_size)
+        raw = self.service(model, prompts, self.config, group_size)
         if isinstance(raw, (list, tuple)) and raw and isinstance(raw[0], (list, tuple, torch.Tensor)) \
                 and not hasattr(raw, "completions"):
             comps, lps, fins = list(raw), None, None
@@ -180,7 +213,7 @@ class RolloutEngine:
                                 f"token-id lists or an object with .completions")
         if len(comps) != n:
             raise ValueError(f"generation service {name!r} returned {len(comps)} completions for {len(prompts)} "
-                             f"prompts x group_size {self.group_size} = {n}")
+                             f"prompts x group_size {group_size} = {n}")
         out_c, out_l, out_f = [], [] if lps is not None else None, []
         limit = self.config.max_new_tokens
         for i, c in enumerate(comps):
@@ -206,14 +239,18 @@ class RolloutEngine:
 
 # -------------------------------------------------------------------------------------------- tensor helpers
 def build_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                    pad_token_id: int) -> dict[str, Any]:
+                    pad_token_id: int, loss_masks: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
     """``input_ids`` ``[B, P + T]``: prompts left-padded to ``P``, completions right-padded to ``T`` (>= 1);
-    ``attention_mask``; ``completion_mask [B, T]`` (1 on generated tokens); ``prompt_len`` = P (an int)."""
+    ``attention_mask``; ``completion_mask [B, T]`` (1 on generated tokens: every completion token, or where
+    ``loss_masks`` — one 0/1 list per completion, multi-turn — is 1); ``prompt_len`` = P (an int)."""
     p_ids, p_mask = pad_with_mask([list(p) for p in prompts], pad_token_id, side="left")
     T = max(1, max((len(c) for c in completions), default=0))
     c_ids, c_mask = pad_with_mask([list(c) for c in completions], pad_token_id, length=T)
+    completion_mask = c_mask.float()
+    if loss_masks is not None:
+        completion_mask = completion_mask * pad_with_mask([list(m) for m in loss_masks], 0, length=T)[0].float()
     return {"input_ids": torch.cat([p_ids, c_ids], 1), "attention_mask": torch.cat([p_mask, c_mask], 1),
-            "completion_mask": c_mask.float(), "prompt_len": p_ids.size(1)}
+            "completion_mask": completion_mask, "prompt_len": p_ids.size(1)}
 
 
 def completion_logps(model: nn.Module, batch: dict[str, Any], temperature: float = 1.0, *,
@@ -263,6 +300,36 @@ def disable_stochasticity(model: nn.Module) -> nn.Module:
         if cfg is not None and dataclasses.is_dataclass(cfg) and getattr(cfg, "router_jitter", 0):
             m.cfg = dataclasses.replace(cfg, router_jitter=0.0)
     return model
+
+
+class GapMeter:
+    """Accumulates the gap between the trainer's and the rollout engine's log-probs of the loss tokens: mean and
+    max absolute difference, and the k3 estimate of KL(π_rollout ‖ π_trainer) from the rollout's samples."""
+
+    def __init__(self):
+        self.sums = {"abs": 0.0, "kl": 0.0, "n": 0.0}
+        self.max = 0.0
+
+    def add(self, trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> None:
+        m = mask.to(trainer_logp.device) > 0
+        t, r = trainer_logp[m].float(), rollout_logp.to(trainer_logp.device)[m].float()
+        if t.numel():
+            d = (t - r).abs()
+            self.sums["abs"] += float(d.sum())
+            self.sums["kl"] += float(kl_estimate(r, t, "k3").sum())
+            self.sums["n"] += float(t.numel())
+            self.max = max(self.max, float(d.max()))
+
+    def reduce(self, backend) -> dict[str, float]:
+        """``logprob_gap/mean``, ``/max``, ``/kl`` over all ranks (collective)."""
+        keys = sorted(self.sums)
+        t = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
+        backend.all_reduce(t)
+        sums = dict(zip(keys, t.tolist()))
+        mx = torch.tensor([self.max], dtype=torch.float64)
+        backend.all_reduce(mx, "max")
+        n = max(sums["n"], 1.0)
+        return {"logprob_gap/mean": sums["abs"] / n, "logprob_gap/max": float(mx[0]), "logprob_gap/kl": sums["kl"] / n}
 
 
 class Timer:

@@ -1,0 +1,170 @@
+"""Python functions as tools: their JSON schema for the chat template, and running a call with a time and an output
+limit.
+
+:meth:`Tool.from_function` reads the schema off the signature (``int`` → integer, ``float`` → number, ``str`` →
+string, ``bool`` → boolean, ``list`` → array, ``dict`` → object; parameters without a default are required) and the
+description off the docstring's first paragraph.
+
+:class:`ToolRunner` runs each call in a forked child process (POSIX ``fork``: the function needs no pickling, and
+closures work): a call still running after ``timeout_s`` is killed (``SIGKILL``) and answered with a timeout error,
+so a tool that hangs or loops costs at most its limit. The child sends back the result as text (``str(result)``,
+JSON for dicts and lists) through a pipe, as JSON — nothing is unpickled; a result longer than
+``max_output_chars`` is cut and marked. An exception in the tool, arguments that do not fit its signature, an
+unknown tool name, a child that dies (e.g. ``os._exit`` or a crash in C code) all become an error message for the
+model, never an exception in the trainer. Tools should not use torch: the child of a multithreaded process may
+deadlock in a thread pool it inherited (the timeout then ends it).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import select
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["Tool", "ToolRunner", "ToolResult"]
+
+_JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean", list: "array", dict: "object"}
+_STR_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
+
+
+@dataclass
+class Tool:
+    """A callable with its name, description and JSON-schema ``parameters``."""
+
+    fn: Callable[..., Any]
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    @classmethod
+    def from_function(cls, fn: Callable[..., Any], name: str | None = None,
+                      description: str | None = None) -> "Tool":
+        if not callable(fn):
+            raise TypeError(f"a tool must be callable, got {type(fn).__name__}")
+        sig = inspect.signature(fn)
+        props: dict[str, Any] = {}
+        required: list[str] = []
+        for p in sig.parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            ann = _STR_TYPES.get(p.annotation, p.annotation) if isinstance(p.annotation, str) else p.annotation
+            props[p.name] = {"type": _JSON_TYPES[ann]} if ann in _JSON_TYPES else {}
+            if p.default is inspect.Parameter.empty:
+                required.append(p.name)
+        doc = inspect.getdoc(fn) or ""
+        return cls(fn=fn, name=name or fn.__name__, description=description or doc.split("\n\n")[0].strip(),
+                   parameters={"type": "object", "properties": props, "required": required})
+
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI-style function schema chat templates render (``tools=[...]``)."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+    def check_arguments(self, arguments: dict[str, Any]) -> str | None:
+        """Why ``arguments`` do not fit the signature (None when they do)."""
+        try:
+            inspect.signature(self.fn).bind(**arguments)
+        except TypeError as e:
+            return f"bad arguments for tool {self.name!r}: {e}"
+        return None
+
+
+@dataclass
+class ToolResult:
+    """``output``: what the model sees; ``ok``: False for errors (exception, timeout, bad call)."""
+
+    output: str
+    ok: bool
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list, tuple)):
+        try:
+            return json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            return str(value)
+    return str(value)
+
+
+class ToolRunner:
+    """Runs tool calls in a forked child with a wall-clock limit ``timeout_s`` and an output limit
+    ``max_output_chars`` (see the module docstring)."""
+
+    def __init__(self, timeout_s: float = 5.0, max_output_chars: int = 2000):
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if isinstance(max_output_chars, bool) or not isinstance(max_output_chars, int) or max_output_chars < 1:
+            raise ValueError(f"max_output_chars must be an int >= 1, got {max_output_chars!r}")
+        if not hasattr(os, "fork"):
+            raise RuntimeError("ToolRunner needs os.fork (POSIX) to cut off tools at their time limit")
+        self.timeout_s = float(timeout_s)
+        self.max_output_chars = max_output_chars
+
+    def run(self, tool: Tool, arguments: dict[str, Any]) -> ToolResult:
+        bad = tool.check_arguments(arguments)
+        if bad is not None:
+            return ToolResult(bad, ok=False)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                         # the child: run, send JSON, leave without cleanup
+            try:
+                os.close(r)
+                try:
+                    payload = {"ok": True, "output": self._cut(_as_text(tool.fn(**arguments)))}
+                except BaseException as e:  # noqa: BLE001 - the model is told what went wrong
+                    payload = {"ok": False, "output": self._cut(f"tool {tool.name!r} raised {type(e).__name__}: {e}")}
+                data = json.dumps(payload).encode()
+                while data:
+                    data = data[os.write(w, data):]
+            finally:
+                os._exit(0)
+        os.close(w)
+        try:
+            data = self._read(r, pid)
+        finally:
+            os.close(r)
+        if data is None:
+            return ToolResult(f"tool {tool.name!r} timed out after {self.timeout_s:g} s", ok=False)
+        try:
+            payload = json.loads(data.decode())
+            return ToolResult(str(payload["output"]), bool(payload["ok"]))
+        except (ValueError, KeyError, TypeError):
+            return ToolResult(f"tool {tool.name!r} stopped without returning a result", ok=False)
+
+    def _cut(self, text: str) -> str:
+        if len(text) <= self.max_output_chars:
+            return text
+        return text[:self.max_output_chars] + f"... [cut: {len(text)} characters]"
+
+    def _read(self, fd: int, pid: int) -> bytes | None:
+        """Everything the child writes until it closes the pipe, or None if it is still running at the limit (it is
+        killed). The child is always reaped."""
+        deadline = time.monotonic() + self.timeout_s
+        chunks: list[bytes] = []
+        limit = 8 * self.max_output_chars + 4096              # JSON-escaped UTF-8 of the cut output fits in this
+        size = 0
+        poll = select.poll()
+        poll.register(fd, select.POLLIN | select.POLLHUP)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not poll.poll(left * 1000):
+                    os.kill(pid, signal.SIGKILL)
+                    return None
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size <= limit:
+                    chunks.append(chunk)
+        finally:
+            os.waitpid(pid, 0)
