@@ -12,12 +12,12 @@
 The trainers take ``environment=`` (a factory: a class or a zero-argument callable), see docs/rl.md.
 """
 from llm_trainer.envs.base import Environment, EnvironmentFailure, StepResult
-from llm_trainer.envs.episodes import Episode, EpisodeLimits, Turn, run_episodes
+from llm_trainer.envs.episodes import Episode, EpisodeLimits, Turn, play, run_episodes, start_episodes
 from llm_trainer.envs.tool_calls import ParsedReply, ToolCall, detect_format, parse_tool_calls
 from llm_trainer.envs.tool_env import ToolEnvironment
 from llm_trainer.envs.tools import Tool, ToolResult, ToolRunner
 from llm_trainer.envs.turns import Appended, TurnEncoder
 
-__all__ = ["Environment", "EnvironmentFailure", "StepResult", "Episode", "EpisodeLimits", "Turn", "run_episodes",
+__all__ = ["Environment", "EnvironmentFailure", "StepResult", "Episode", "EpisodeLimits", "Turn", "run_episodes", "start_episodes", "play",
            "ParsedReply", "ToolCall", "detect_format", "parse_tool_calls", "ToolEnvironment", "Tool", "ToolResult",
            "ToolRunner", "Appended", "TurnEncoder"]

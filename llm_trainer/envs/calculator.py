@@ -22,7 +22,8 @@ import random
 import re
 from typing import Any, Sequence
 
-__all__ = ["add", "records", "demonstration", "answer_reward", "correct_tool_call_rate", "tool_call_text"]
+__all__ = ["add", "records", "demonstration", "direct_answer", "warmup_conversations", "answer_reward",
+           "correct_tool_call_rate", "tool_call_text", "chatml_corpus"]
 
 _INT = re.compile(r"-?\d+")
 
@@ -54,6 +55,27 @@ def demonstration(record: dict) -> list[dict]:
     return record["prompt"] + [{"role": "assistant", "content": tool_call_text(a, b)},
                                {"role": "tool", "name": "add", "content": str(a + b)},
                                {"role": "assistant", "content": str(a + b)}]
+
+
+def direct_answer(record: dict) -> list[dict]:
+    """The conversation of ``record`` answered without the tool (the model must add in its head)."""
+    return record["prompt"] + [{"role": "assistant", "content": record["answer"]}]
+
+
+def warmup_conversations(recs: Sequence[dict], tool_fraction: float, seed: int = 0) -> list[list[dict]]:
+    """Supervised warm-up conversations: a share ``tool_fraction`` of the records solved with the tool
+    (:func:`demonstration`), the others answered directly (:func:`direct_answer`)."""
+    rng = random.Random(seed)
+    return [demonstration(r) if rng.random() < tool_fraction else direct_answer(r) for r in recs]
+
+
+def chatml_corpus(recs: Sequence[dict]) -> str:
+    """The solved conversations rendered with the built-in ``chatml`` template: tokenizer training text in which
+    the role names and the tool-call syntax occur, so that they become few tokens."""
+    from ..chat import get_builtin
+    from ..chat.jinja import prepare_messages, render
+    source = get_builtin("chatml").source
+    return "".join(render(source, prepare_messages(demonstration(r)), True, {}).text for r in recs)
 
 
 def answer_reward(*, completions: Sequence[str], answers: Sequence[Any], **_: Any) -> list[float]:

@@ -20,10 +20,10 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .base import checked_step
+from .base import build_environment, checked_reset, checked_step
 from .turns import TurnEncoder
 
-__all__ = ["Episode", "Turn", "EpisodeLimits", "run_episodes", "episode_stats"]
+__all__ = ["Episode", "Turn", "EpisodeLimits", "start_episodes", "run_episodes", "play", "episode_stats"]
 
 
 @dataclass
@@ -71,6 +71,23 @@ class EpisodeLimits:
 
     max_turns: int = 1
     max_tokens: int | None = None
+
+
+def start_episodes(environment: Callable[[], Any], records: Sequence[Any], per_record: int,
+                   encoder: TurnEncoder) -> list[Episode]:
+    """``per_record`` fresh episodes per record (consecutive): an environment each from the factory
+    ``environment`` (told the chat template through ``bind_template`` when it has one), reset with the record, and
+    the ids of its first messages with the generation prompt."""
+    episodes: list[Episode] = []
+    for rec in records:
+        for _ in range(per_record):
+            env = build_environment(environment)
+            tools = getattr(env, "tools", None)
+            if callable(getattr(env, "bind_template", None)):
+                env.bind_template(encoder.chat_template(tools))
+            msgs = checked_reset(env, rec, len(episodes))
+            episodes.append(Episode(len(episodes), rec, env, tools, msgs, encoder.prompt_ids(msgs, tools)))
+    return episodes
 
 
 def _advance(e: Episode, gen: list[int], lps: Sequence[float] | None, stopped: bool, encoder: TurnEncoder,
@@ -133,6 +150,22 @@ def run_episodes(episodes: list[Episode], generate: Callable[[list[list[int]]], 
                         bool(stopped), encoder, decode, limits):
                 queue.append(e)
     return rounds
+
+
+def play(model: Any, tokenizer: Any, environment: Callable[[], Any], records: Sequence[Any], config: Any,
+         limits: EpisodeLimits, generator: Any = None, batch_size: int | None = None) -> list[Episode]:
+    """One episode per record with a plain model (outside a trainer, e.g. to evaluate an agent): generation with
+    :func:`llm_trainer.generation.generate` and ``config`` (a ``GenerateConfig``), stopping at the tokenizer's
+    chat stop tokens."""
+    from ..generation import generate
+    encoder = TurnEncoder(tokenizer)
+    episodes = start_episodes(environment, records, 1, encoder)
+
+    def gen(contexts: list[list[int]]):
+        return generate(model, contexts, config, eos_token_ids=tokenizer.stop_token_ids,
+                        pad_token_id=tokenizer.pad_token_id, return_logprobs=True, generator=generator)
+    run_episodes(episodes, gen, encoder, tokenizer.decode, limits, batch_size)
+    return episodes
 
 
 def episode_stats(episodes: Sequence[Episode]) -> dict[str, float]:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..data.collate import IGNORE_INDEX, PromptCollate, pad_with_mask
-from ..envs.base import build_environment, checked_reset, read_records
-from ..envs.episodes import Episode, EpisodeLimits, episode_stats, run_episodes
+from ..envs.base import read_records
+from ..envs.episodes import Episode, EpisodeLimits, episode_stats, run_episodes, start_episodes
 from ..envs.turns import TurnEncoder
 from ..generation import generate
 from ..losses import chunked_lm_loss, rollout_correction_weights
@@ -240,18 +240,8 @@ class RLTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------------------------ multi-turn episodes
     def new_episodes(self, records: list[dict], per_record: int) -> list[Episode]:
-        """``per_record`` fresh episodes per record (consecutive): an environment each, reset, first prompt ids."""
-        episodes: list[Episode] = []
-        for rec in records:
-            for _ in range(per_record):
-                env = build_environment(self.environment)
-                tools = getattr(env, "tools", None)
-                if callable(getattr(env, "bind_template", None)):
-                    env.bind_template(self.turn_encoder.chat_template(tools))
-                msgs = checked_reset(env, rec, len(episodes))
-                episodes.append(Episode(len(episodes), rec, env, tools, msgs,
-                                        self.turn_encoder.prompt_ids(msgs, tools)))
-        return episodes
+        """``per_record`` fresh episodes per record (:func:`~llm_trainer.envs.episodes.start_episodes`)."""
+        return start_episodes(self.environment, records, per_record, self.turn_encoder)
 
     def play_episodes(self, episodes: list[Episode], engine: RolloutEngine,
                       generator: torch.Generator | None) -> list[list[int]]:
