@@ -185,6 +185,9 @@ class Attention(nn.Module):
         #: Inference hook set by `llm_trainer.generation` for the duration of one `generate` call (None otherwise):
         #: a callable x -> concatenated [q | k | v] projections (biases included), computed by one fused matmul.
         self.fused_qkv = None
+        #: Numerics hook (None otherwise): a callable with `F.scaled_dot_product_attention`'s signature used instead
+        #: of it, e.g. the batch-invariant attention of `llm_trainer.trainers.exact` (exact rollout log-probs).
+        self.attention_fn = None
 
     def forward(
         self,
@@ -223,7 +226,8 @@ class Attention(nn.Module):
             else:
                 rep = self.num_heads // self.num_kv_heads
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(
+        attend = getattr(self, "attention_fn", None) or F.scaled_dot_product_attention
+        out = attend(
             q, k, v,
             attn_mask=attn_mask,
             is_causal=is_causal and attn_mask is None,

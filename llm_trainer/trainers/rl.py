@@ -6,6 +6,7 @@ Subclasses implement ``make_rollout_batches``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..envs.turns import TurnEncoder
 from ..generation import generate
 from ..losses import chunked_lm_loss, rollout_correction_weights
 from .base import BaseTrainer
+from .exact import check_config as check_exact_config
+from .exact import exact_numerics, exact_project
 from .collective import even_batches, mean_over_ranks, sum_over_ranks
 from .images import expand_items, is_vlm, load_images
 from .reference import Reference, build_reference, eval_mode
@@ -46,9 +49,11 @@ class RLTrainer(BaseTrainer):
     """``reward_func``: a reward function, a reward model (``.score``) or a list of them (see :mod:`.rewards`);
     ``reward_weights``: one weight per source (None → the stage config's ``reward_weights`` or all 1).
     ``generation_service``: see :class:`~.rollout.GenerationService`. ``old_logprobs``: 'recompute' (default,
-    exact ratio 1) or 'generation' (use the sampler's log-probs and skip the old-policy forward pass; only
+    exact ratio 1), 'generation' (use the sampler's log-probs and skip the old-policy forward pass; only
     sensible with an engine whose numerics you trust, and never with top-k/top-p/repetition penalty, which change
-    the sampling distribution). ``environment``: a factory (a class or a zero-argument callable) of
+    the sampling distribution) or 'exact' (the built-in engine decodes, and the update runs, with batch-invariant
+    numerics, :mod:`.exact`: the sampler's log-probs equal the trainer's bit for bit on CPU fp32, and the
+    old-policy forward pass is skipped). ``environment``: a factory (a class or a zero-argument callable) of
     :class:`~llm_trainer.envs.Environment` s — one per episode — for multi-turn rollouts; the data are then records
     (dicts, or ``.jsonl`` files) handed to ``environment.reset``, and ``reward_func`` is optional."""
 
@@ -58,8 +63,11 @@ class RLTrainer(BaseTrainer):
     def __init__(self, *, train_config, reward_func: Any = None, reward_weights: Sequence[float] | None = None,
                  eval_prompts: list[str] | None = None, generation_service: Any = None,
                  old_logprobs: str = "recompute", environment: Any = None, **kwargs: Any) -> None:
-        if old_logprobs not in ("recompute", "generation"):
-            raise ValueError(f"old_logprobs must be 'recompute' or 'generation', got {old_logprobs!r}")
+        if old_logprobs not in ("recompute", "generation", "exact"):
+            raise ValueError(f"old_logprobs must be 'recompute', 'generation' or 'exact', got {old_logprobs!r}")
+        if old_logprobs == "exact" and generation_service is not None:
+            raise ValueError("old_logprobs='exact' needs the built-in engine (its numerics are the trainer's); a "
+                             "generation_service's log-probs can only be used with old_logprobs='generation'")
         if environment is not None and not callable(environment):
             raise TypeError(f"environment must be a factory (a class or a zero-argument callable) building one "
                             f"environment per episode, got {type(environment).__name__}")
@@ -75,10 +83,12 @@ class RLTrainer(BaseTrainer):
 
     def setup(self) -> None:
         sc = self.stage_config
-        if sc.rollout_correction is not None and self.old_logprobs_source == "generation":
+        if sc.rollout_correction is not None and self.old_logprobs_source != "recompute":
             raise ValueError(f"{type(sc).__name__}.rollout_correction weighs the gap between the generation "
-                             f"log-probs and the recomputed old log-probs; with old_logprobs='generation' there is "
-                             f"no recomputation (the weights would all be 1)")
+                             f"log-probs and the recomputed old log-probs; with old_logprobs="
+                             f"{self.old_logprobs_source!r} there is no recomputation (the weights would all be 1)")
+        if self.old_logprobs_source == "exact":
+            check_exact_config(sc.generate_config)
         weights = self.reward_weights if self.reward_weights is not None else sc.reward_weights
         self.rewards = RewardSet(self.reward_func, weights,        # checked before the model is built
                                  allow_nonfinite=self.config.nan_policy == "skip",
@@ -88,9 +98,12 @@ class RLTrainer(BaseTrainer):
             if self.tokenizer is None:
                 raise ValueError("an environment needs TrainConfig.tokenizer: its chat template renders the turns")
             self.turn_encoder = TurnEncoder(self.tokenizer)
+        if self.old_logprobs_source == "exact" and is_vlm(self.model_config):
+            raise ValueError("old_logprobs='exact' is not supported for vision-language models")
         self.engine = RolloutEngine(self.backend, sc.generate_config, self.stop_token_ids(), self.pad_token_id(),
                                     group_size=self.group_size, chunk_size=sc.chunked_rollout_size,
-                                    service=self.generation_service, vocab_size=self.model_config.vocab_size)
+                                    service=self.generation_service, vocab_size=self.model_config.vocab_size,
+                                    exact=self.old_logprobs_source == "exact")
 
     # ------------------------------------------------------------------------------------------ config hooks
     @property
@@ -285,9 +298,13 @@ class RLTrainer(BaseTrainer):
         return rollout, rewards
 
     def policy_logps(self, model: nn.Module, batch: dict[str, Any], **kw) -> dict[str, torch.Tensor]:
-        """:func:`completion_logps` of the trained policy (``model`` may be the wrapped module)."""
-        with self.backend.output_projection(self.policy_plain()) as project:
-            return completion_logps(model, batch, self.temperature, project=project, **kw)
+        """:func:`completion_logps` of the trained policy (``model`` may be the wrapped module); with
+        ``old_logprobs='exact'`` under the rollout engine's batch-invariant numerics."""
+        exact = self.old_logprobs_source == "exact"
+        with self.backend.output_projection(self.policy_plain()) as project, \
+                exact_numerics(self.backend.unwrap(self.model)) if exact else contextlib.nullcontext():
+            return completion_logps(model, batch, self.temperature, project=exact_project(project) if exact
+                                    else project, **kw)
 
     @torch.no_grad()
     def score_micro_batches(self, batches: list[dict[str, Any]], with_values: bool = False) -> dict[str, float]:
@@ -298,7 +315,8 @@ class RLTrainer(BaseTrainer):
         ``rollout_correction``, TIS/MIS weights (``is_weight``). With ``old_logprobs='generation'`` the generation
         log-probs are the old ones and the policy forward is skipped (unless PPO needs its values); the gap is then
         measured by the first update of the rollout, whose policy is still the old one. Collective."""
-        skip_old = self.old_logprobs_source == "generation" and not with_values
+        skip_old = self.old_logprobs_source != "recompute" and not with_values
+        exact = self.old_logprobs_source == "exact"
         has_gen = bool(batches) and "gen_logp" in batches[0]
         if skip_old and not has_gen:
             raise ValueError("old_logprobs='generation' needs generation log-probs, and the generation service "
@@ -310,9 +328,11 @@ class RLTrainer(BaseTrainer):
                 for b in batches:
                     dev = self.to_device(b)
                     if not skip_old:
-                        with self.timer("old_logp"), self.backend.autocast():
+                        with self.timer("old_logp"), self.backend.autocast(), \
+                                exact_numerics(plain) if exact else contextlib.nullcontext():
                             out = completion_logps(plain if with_values else policy, dev, self.temperature,
-                                                   project=project, with_values=with_values)
+                                                   project=exact_project(project) if exact else project,
+                                                   with_values=with_values)
                         b["old_logp"] = out["logp"].detach().float().cpu()
                         if with_values:
                             b["old_values"] = out["values"].detach().float().cpu()
@@ -351,7 +371,7 @@ class RLTrainer(BaseTrainer):
                 stats.update({k: v / tokens for k, v in totals.items()})
         for b in batches:
             g = b.pop("gen_logp")
-            if self.old_logprobs_source == "generation":
+            if self.old_logprobs_source != "recompute":
                 b["old_logp"] = g
         return stats
 
@@ -366,6 +386,8 @@ class RLTrainer(BaseTrainer):
         stats = super().train_step(window)
         if window and window[0].get("gap_probe"):     # collective: the same window is the probe on every rank
             self.rollout_stats.update(self._gap_probe.reduce(self.backend))
+            for b in window:                          # later passes over the buffer update a newer policy
+                b.pop("gap_probe", None)
         if not stats.get("_skipped"):
             stats.update(self.rollout_stats)
         return stats

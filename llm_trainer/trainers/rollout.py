@@ -14,8 +14,10 @@ Old log-probs (importance ratio)
     eval mode, the same temperature scaling (``logits / T``), the same micro-batch composition and padding and the
     same autocast. Train-mode randomness (dropout, MoE router jitter) is switched off on RL policies
     (:func:`disable_stochasticity`), so at the first inner step the ratio is exactly 1 (bit for bit on CPU; tested).
-    Incremental KV-cache decoding differs from a full forward pass in the last bits, which is why the generation
-    log-probs are only logged (``gen_logprob_diff``) unless ``old_logprobs="generation"``.
+    Incremental KV-cache decoding differs from a full forward pass in the last bits (~1e-6 on CPU fp32), which is
+    why the generation log-probs are only compared (``logprob_gap/*``, every rollout) unless
+    ``old_logprobs="generation"``; ``old_logprobs="exact"`` decodes with batch-invariant numerics
+    (:mod:`.exact`) under which they are equal bit for bit, and skips the old-policy forward pass.
 
 Multi-turn episodes (an environment, :mod:`llm_trainer.envs`)
     A sample's ``completion_ids`` is then everything after the first prompt — generated turns and the
@@ -41,6 +43,7 @@ from ..data.collate import pad_with_mask
 from ..generation import GenerateConfig, generate
 from ..losses import chunked_token_logps, kl_estimate
 from ..parallel.base import head_projection
+from .exact import exact_generate, exact_numerics, exact_project
 
 __all__ = [
     "GenerationService", "GenerationResult", "Rollout", "RolloutEngine", "completion_logps", "build_sequences",
@@ -130,7 +133,7 @@ class RolloutEngine:
 
     def __init__(self, backend, generate_config: GenerateConfig, eos_token_ids: Sequence[int], pad_token_id: int,
                  group_size: int = 1, chunk_size: int | None = None, service: Callable | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, exact: bool = False):
         self.backend = backend
         self.config = generate_config
         self.eos_token_ids = list(eos_token_ids)
@@ -140,6 +143,7 @@ class RolloutEngine:
         self.chunk_size = chunk_size
         self.service = service
         self.vocab_size = vocab_size
+        self.exact = exact
 
     @property
     def temperature(self) -> float:
@@ -194,6 +198,12 @@ class RolloutEngine:
         images = [p for p in (pixel_values or []) if p is not None and p.numel()]
         if images and self.service is not None:
             raise NotImplementedError("a generation_service cannot be used with image prompts (VLM) yet")
+        if self.exact:                       # batch-invariant decoding: log-probs equal the trainer's (see .exact)
+            rows = [p for p in prompts for _ in range(group_size)]
+            with exact_numerics(model):
+                comps, lps, fins = exact_generate(model, rows, self.config, sorted(self.stop_ids), self.pad_token_id,
+                                                  exact_project(head_projection(model)), generator)
+            return GenerationResult(comps, lps, fins)
         if self.service is None:
             kw = {"pixel_values": torch.cat(images).to(next(model.parameters()).device)} if images else {}
             out = generate(model, prompts, self.config, eos_token_ids=self.eos_token_ids,
