@@ -122,21 +122,26 @@ def test_tool_schema_from_the_signature_and_docstring():
 
 
 def test_tool_runner_limits_and_errors():
-    runner = ToolRunner(timeout_s=1.0, max_output_chars=50)
-    assert (r := runner.run(Tool.from_function(calculator.add), {"a": 2, "b": 40})).ok and r.output == "42"
+    tools = {f.__name__: Tool.from_function(f) for f in (calculator.add, _hang, _slow, _boom, _big, _die)}
+    runner = ToolRunner(list(tools.values()), timeout_s=1.0, max_output_chars=50, calls_per_worker=3)
+    run = lambda name, **kw: runner.run(tools[name], kw)  # noqa: E731
+    assert (r := run("add", a=2, b=40)).ok and r.output == "42"
     t0 = time.monotonic()
-    r = runner.run(Tool.from_function(_hang), {})
+    r = run("_hang")
     assert not r.ok and "timed out after 1 s" in r.output and time.monotonic() - t0 < 5.0    # cut off at its limit
-    r = runner.run(Tool.from_function(_slow), {"seconds": 0.01})
+    assert run("add", a=1, b=1).output == "2"                                 # a new worker after the kill
+    r = run("_slow", seconds=0.01)
     assert r.ok and r.output == "late"
-    r = ToolRunner(timeout_s=1.0, max_output_chars=200).run(Tool.from_function(_boom), {"x": 7})
+    r = ToolRunner([tools["_boom"]], timeout_s=1.0, max_output_chars=200).run(tools["_boom"], {"x": 7})
     assert not r.ok and r.output == "tool '_boom' raised ZeroDivisionError: cannot use 7"
-    r = runner.run(Tool.from_function(_big), {})
+    r = run("_big")
     assert r.ok and r.output == "x" * 50 + "... [cut: 100000 characters]"
-    r = runner.run(Tool.from_function(_die), {})
+    r = run("_die")
     assert not r.ok and "stopped without returning a result" in r.output
-    r = runner.run(Tool.from_function(calculator.add), {"a": 1, "c": 2})
+    assert [run("add", a=i, b=1).output for i in range(5)] == ["1", "2", "3", "4", "5"]   # workers replaced
+    r = run("add", a=1, c=2)
     assert not r.ok and r.output.startswith("bad arguments for tool 'add'")
+    runner.close()
 
 
 def test_tool_environment_turns():

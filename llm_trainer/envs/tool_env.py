@@ -43,7 +43,7 @@ class ToolEnvironment:
             raise ValueError(f"ToolEnvironment: max_calls_per_turn must be an int >= 1, got {max_calls_per_turn!r}")
         self.by_name = {t.name: t for t in self.tool_list}
         self.tool_format = tool_format
-        self.runner = ToolRunner(timeout_s, max_output_chars)
+        self.runner = ToolRunner.shared(self.tool_list, timeout_s, max_output_chars)
         self.max_calls_per_turn = max_calls_per_turn
         self.system_prompt, self.prompt_field, self.reward = system_prompt, prompt_field, reward
         self.record: dict | None = None
