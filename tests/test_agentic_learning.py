@@ -32,7 +32,7 @@ def _example():
 
 
 def test_rl_raises_the_reward_and_the_rate_of_correct_tool_calls(tmp_path, capsys):
-    results = _example().main(["--out", str(tmp_path), "--steps", "8", "--test-size", "48", "--seeds", "0", "1", "2"])
+    results = _example().main(["--out", str(tmp_path), "--steps", "10", "--seeds", "0", "1", "2"])
     with capsys.disabled():
         for key, r in results.items():
             if key != "warmup":

@@ -8,12 +8,12 @@ over threads), attention reduces over keys whose positions depend on the left pa
 log-softmax is written differently in the sampler and in the loss. Under :func:`exact_numerics`, for the model's
 forward passes (decoding and training alike):
 
-* every ``nn.Linear`` and the LM-head projection see their rows padded with zeros to a multiple of
-  :data:`ROWS` (at least ``ROWS``), so each row goes through the same kernel whatever the batch;
+* every ``nn.Linear`` and the LM-head projection see at least :data:`ROWS` rows (padded with zeros), so each row
+  goes through the same kernel whatever the batch;
 * attention (:func:`invariant_attention`, through the ``Attention.attention_fn`` hook) shifts each row's keys so
-  that its first real key is at index 0, pads keys to a multiple of :data:`KEYS` and queries to a multiple of
-  ``ROWS`` rows, and uses two batched matrix products and a softmax over that canonical layout — a query's result
-  no longer depends on its batch, its row's padding, or how many queries are computed with it;
+  that its first real key is at index 0, pads keys to a multiple of :data:`KEYS` and queries to at least ``ROWS``
+  rows, and uses two batched matrix products and a softmax over that canonical layout — a query's result no
+  longer depends on its batch, its row's padding, or how many queries are computed with it;
 * :func:`exact_generate` decodes with the KV cache through the model's own forward and takes each sampled token's
   log-prob from the same chunked log-prob routine the losses use (``chunked_token_logps``).
 
@@ -47,12 +47,19 @@ def _round_up(n: int, m: int) -> int:
     return max(m, -(-n // m) * m)
 
 
+def _min_rows(n: int) -> int:
+    """Rows a matrix product is given for ``n`` real rows: at least :data:`ROWS` (kernels take other paths, and
+    split rows over threads unevenly, below that; from ``ROWS`` rows on, a row's result no longer depends on the
+    number of rows — measured, see the module docstring)."""
+    return max(n, ROWS)
+
+
 def padded_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn`` (a row-wise map such as a linear layer) of ``x [..., K]``, applied to the rows padded with zeros to a
-    multiple of :data:`ROWS`."""
+    """``fn`` (a row-wise map such as a linear layer) of ``x [..., K]``, applied to the rows padded with zeros to at
+    least :data:`ROWS` rows."""
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
-    pad = _round_up(n, ROWS) - n
+    pad = _min_rows(n) - n
     if pad:
         rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
     y = fn(rows)[:n]
@@ -67,13 +74,13 @@ def invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
                         dropout_p: float = 0.0, is_causal: bool = False, enable_gqa: bool = False,
                         scale: float | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` (same arguments; no dropout) computed in a canonical layout (see the module
-    docstring): ``q [B, H, Sq, D]``, ``k``/``v`` ``[B, KV, Sk, D]``, ``attn_mask`` boolean, True = attend."""
+    docstring): ``q [B, H, Sq, D]``, ``k``/``v`` ``[B, KV, Sk, D]`` (the ``H / KV`` query heads of a key head are
+    stacked into one matrix product), ``attn_mask`` boolean, True = attend."""
     if dropout_p:
         raise ValueError("invariant attention has no dropout (RL policies run without it)")
     B, H, Sq, D = q.shape
-    Sk = k.shape[2]
-    if k.shape[1] != H:
-        k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
+    KV, Sk = k.shape[1], k.shape[2]
+    rep = H // KV
     if attn_mask is None:
         mask = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
         if is_causal:
@@ -87,17 +94,21 @@ def invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     idx = torch.arange(Kp, device=q.device)[None] + lead[:, None]                # [B, Kp]
     valid = idx < Sk
     idx = idx.clamp(max=Sk - 1)
-    gather = lambda t: t.gather(2, idx[:, None, :, None].expand(B, t.shape[1], Kp, D))  # noqa: E731
+    gather = lambda t: t.gather(2, idx[:, None, :, None].expand(B, KV, Kp, D))  # noqa: E731
     kc, vc = gather(k), torch.where(valid[:, None, :, None], gather(v), torch.zeros((), dtype=v.dtype))
     mc = mask.gather(3, idx[:, None, None, :].expand(B, 1, Sq, Kp)) & valid[:, None, None, :]
-    Qp = _round_up(Sq, ROWS)
-    qp = torch.cat([q, q.new_zeros(B, H, Qp - Sq, D)], 2) if Qp > Sq else q
-    scores = torch.matmul(qp, kc.transpose(-1, -2))[:, :, :Sq] * (scale if scale is not None else 1.0 / math.sqrt(D))
+    M = rep * Sq                                                                 # query rows per key head
+    qg = q.reshape(B, KV, M, D)
+    if _min_rows(M) > M:
+        qg = torch.cat([qg, qg.new_zeros(B, KV, _min_rows(M) - M, D)], 2)
+    scores = torch.matmul(qg, kc.transpose(-1, -2))[:, :, :M].reshape(B, H, Sq, Kp)
+    scores = scores * (scale if scale is not None else 1.0 / math.sqrt(D))
     scores = scores.masked_fill(~mc, float("-inf"))
     probs = torch.where(mc.any(-1, keepdim=True), torch.softmax(scores, dim=-1), torch.zeros((), dtype=q.dtype))
-    if Qp > Sq:
-        probs = torch.cat([probs, probs.new_zeros(B, H, Qp - Sq, Kp)], 2)
-    return torch.matmul(probs, vc)[:, :, :Sq]
+    pg = probs.reshape(B, KV, M, Kp)
+    if _min_rows(M) > M:
+        pg = torch.cat([pg, pg.new_zeros(B, KV, _min_rows(M) - M, Kp)], 2)
+    return torch.matmul(pg, vc)[:, :, :M].reshape(B, H, Sq, D)
 
 
 @contextlib.contextmanager
@@ -170,7 +181,8 @@ def exact_generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: G
             p = torch.softmax(z / temperature, dim=-1)
             tok = (p / torch.empty_like(p).exponential_(1.0, generator=generator)).argmax(-1)
         tok = tok.masked_fill(done, pad_token_id)
-        lp = chunked_token_logps(h, project, tok[:, None], shift=False, temperature=temperature)[0][:, 0]
+        # the losses' routine, handed the logits just computed (the projection of the same rows)
+        lp = chunked_token_logps(h, lambda _: z, tok[:, None], shift=False, temperature=temperature)[0][:, 0]
         tokens[:, t], logps[:, t] = tok, lp.masked_fill(done, 0.0)
         done = done | torch.isin(tok, stops)
         mask[:, P + t] = 1
