@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **{name: "llm_trainer.configs" for name in (
         "TrainConfig", "OptimConfig", "PretrainConfig", "SFTConfig", "DPOConfig", "PPOConfig", "GRPOConfig",
-        "RewardConfig", "KDConfig", "LossConfig", "LoRAConfig", "DataLoaderConfig", "AdaptiveKLConfig")},
+        "RewardConfig", "KDConfig", "LossConfig", "LoRAConfig", "DataLoaderConfig", "AdaptiveKLConfig",
+        "EpisodeConfig", "RolloutCorrectionConfig")},
     **{name: "llm_trainer.parallel.ds_config" for name in (
         "DsConfig", "DsZero0Config", "DsZero1Config", "DsZero2Config", "DsZero3Config", "DsOffloadConfig",
         "DsFp16Config", "DsBf16Config", "DsActivationCheckpointingConfig", "DsFlopsProfilerConfig")},
@@ -31,6 +32,7 @@ _EXPORTS = {
     "GRPOTrainer": "llm_trainer.trainers.grpo",
     "PPOTrainer": "llm_trainer.trainers.ppo",
     "run_pipeline": "llm_trainer.pipeline",
+    "ToolEnvironment": "llm_trainer.envs",
 }
 
 

@@ -94,9 +94,13 @@ def invariant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     idx = torch.arange(Kp, device=q.device)[None] + lead[:, None]                # [B, Kp]
     valid = idx < Sk
     idx = idx.clamp(max=Sk - 1)
-    gather = lambda t: t.gather(2, idx[:, None, :, None].expand(B, KV, Kp, D))  # noqa: E731
-    kc, vc = gather(k), torch.where(valid[:, None, :, None], gather(v), torch.zeros((), dtype=v.dtype))
-    mc = mask.gather(3, idx[:, None, None, :].expand(B, 1, Sq, Kp)) & valid[:, None, None, :]
+    if bool((lead == 0).all()):             # no row is left-padded: only the keys' zero padding
+        kc, vc = (F.pad(t, (0, 0, 0, Kp - Sk)) for t in (k, v))
+        mc = F.pad(mask, (0, Kp - Sk), value=False)
+    else:
+        gather = lambda t: t.gather(2, idx[:, None, :, None].expand(B, KV, Kp, D))  # noqa: E731
+        kc, vc = gather(k), torch.where(valid[:, None, :, None], gather(v), torch.zeros((), dtype=v.dtype))
+        mc = mask.gather(3, idx[:, None, None, :].expand(B, 1, Sq, Kp)) & valid[:, None, None, :]
     M = rep * Sq                                                                 # query rows per key head
     qg = q.reshape(B, KV, M, D)
     if _min_rows(M) > M:
@@ -149,17 +153,19 @@ def check_config(config: GenerateConfig) -> None:
 @torch.no_grad()
 def exact_generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: GenerateConfig,
                    stop_ids: Sequence[int], pad_token_id: int, project: Callable[[torch.Tensor], torch.Tensor],
-                   generator: torch.Generator | None = None) -> tuple[list[list[int]], list[torch.Tensor], list[bool]]:
-    """Sample one completion per prompt under :func:`exact_numerics` (the caller enters it): ``(completions,
-    log-probs, finished)``. Prompts are left-padded and prefilled together; each step feeds the new tokens through
-    the model's forward with the KV cache; the log-prob of a sampled token is ``chunked_token_logps`` of its hidden
-    state at the sampling temperature (greedy: temperature 1)."""
+                   generator: torch.Generator | None = None,
+                   group_size: int = 1) -> tuple[list[list[int]], list[torch.Tensor], list[bool]]:
+    """Sample ``group_size`` completions per prompt (prompt-major) under :func:`exact_numerics` (the caller enters
+    it): ``(completions, log-probs, finished)``. Prompts are left-padded and prefilled together, once each (the cache
+    rows are then repeated for the group: a row's result does not depend on its batch); each step feeds the new
+    tokens through the model's forward with the KV cache; the log-prob of a sampled token is ``chunked_token_logps``
+    of its hidden state at the sampling temperature (greedy: temperature 1)."""
     check_config(config)
     device = next(model.parameters()).device
     temperature = 1.0 if config.greedy else float(config.temperature)
-    N, P, T = len(prompts), max(len(p) for p in prompts), config.max_new_tokens
-    ids = torch.full((N, P), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((N, P + T), dtype=torch.long)
+    U, P, T = len(prompts), max(len(p) for p in prompts), config.max_new_tokens
+    ids = torch.full((U, P), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((U, P + T), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, P - len(p):P] = 1
@@ -169,6 +175,10 @@ def exact_generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: G
     out = model(input_ids=ids, attention_mask=mask[:, :P], past_key_values=cache, use_cache=True,
                 return_hidden_states=True)
     h = out.hidden_states[:, -1:]
+    if group_size > 1:
+        cache.repeat_interleave(group_size)
+        h, mask = h.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+    N = U * group_size
     tokens = torch.full((N, T), pad_token_id, dtype=torch.long, device=device)
     logps = torch.zeros((N, T), dtype=torch.float32, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)

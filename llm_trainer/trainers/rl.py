@@ -79,6 +79,7 @@ class RLTrainer(BaseTrainer):
         self.rollout_stats: dict[str, float] = {}       # of the rollout the current windows come from
         self.skipped_nonfinite_rewards = 0              # samples dropped for a NaN/inf reward (nan_policy='skip')
         self.timer = Timer()
+        self._gap_probe = GapMeter()                    # the first update's gap when the old forward is skipped
         super().__init__(train_config=train_config, eval_prompts=eval_prompts, **kwargs)
 
     def setup(self) -> None:
@@ -98,8 +99,8 @@ class RLTrainer(BaseTrainer):
             if self.tokenizer is None:
                 raise ValueError("an environment needs TrainConfig.tokenizer: its chat template renders the turns")
             self.turn_encoder = TurnEncoder(self.tokenizer)
-        if self.old_logprobs_source == "exact" and is_vlm(self.model_config):
-            raise ValueError("old_logprobs='exact' is not supported for vision-language models")
+        if is_vlm(self.model_config) and (self.old_logprobs_source == "exact" or self.environment is not None):
+            raise ValueError("old_logprobs='exact' and environments are not supported for vision-language models")
         self.engine = RolloutEngine(self.backend, sc.generate_config, self.stop_token_ids(), self.pad_token_id(),
                                     group_size=self.group_size, chunk_size=sc.chunked_rollout_size,
                                     service=self.generation_service, vocab_size=self.model_config.vocab_size,

@@ -199,10 +199,10 @@ class RolloutEngine:
         if images and self.service is not None:
             raise NotImplementedError("a generation_service cannot be used with image prompts (VLM) yet")
         if self.exact:                       # batch-invariant decoding: log-probs equal the trainer's (see .exact)
-            rows = [p for p in prompts for _ in range(group_size)]
             with exact_numerics(model):
-                comps, lps, fins = exact_generate(model, rows, self.config, sorted(self.stop_ids), self.pad_token_id,
-                                                  exact_project(head_projection(model)), generator)
+                comps, lps, fins = exact_generate(model, prompts, self.config, sorted(self.stop_ids),
+                                                  self.pad_token_id, exact_project(head_projection(model)),
+                                                  generator, group_size)
             return GenerationResult(comps, lps, fins)
         if self.service is None:
             kw = {"pixel_values": torch.cat(images).to(next(model.parameters()).device)} if images else {}
