@@ -17,10 +17,10 @@ forward passes (decoding and training alike):
 * :func:`exact_generate` decodes with the KV cache through the model's own forward and takes each sampled token's
   log-prob from the same chunked log-prob routine the losses use (``chunked_token_logps``).
 
-These are properties of the kernels, not of the maths: they were measured on this library's CPU builds (MKL, 1 to 4
-threads; ``tests/test_agentic_exact.py`` checks them) and are re-checked at run time, since the trainer logs the gap
-between the recorded log-probs and those of its first update (``logprob_gap/max``: 0 when exact). On other
-hardware (GPU kernels, bf16) the gap is measured and logged the same way.
+These are properties of the kernels, not of the maths: they were measured on this library's CPU build (MKL, 1 to 8
+threads; ``tests/test_agentic_exact.py`` checks them with 1 and 2) and are re-checked at run time, since the trainer
+logs the gap between the recorded log-probs and those of its first update (``logprob_gap/max``: 0 when exact). On
+other hardware (GPU kernels, bf16) the gap is measured and logged the same way.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from ..model.cache import KVCache
 
 __all__ = ["exact_numerics", "invariant_attention", "padded_rows", "exact_generate", "ROWS", "KEYS"]
 
-ROWS = 64   # matrix products see a multiple of this many rows
+ROWS = 16   # matrix products see at least this many rows (on the CPUs measured, 11 rows at most take other paths)
 KEYS = 64   # attention reduces over a multiple of this many keys
 
 
@@ -48,9 +48,9 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _min_rows(n: int) -> int:
-    """Rows a matrix product is given for ``n`` real rows: at least :data:`ROWS` (kernels take other paths, and
-    split rows over threads unevenly, below that; from ``ROWS`` rows on, a row's result no longer depends on the
-    number of rows — measured, see the module docstring)."""
+    """Rows a matrix product is given for ``n`` real rows: at least :data:`ROWS` (MKL takes other code paths for
+    up to 3 rows with 1 or 4 threads and up to 11 rows with 2 or 8 threads on this library's development CPU; from
+    then on a row's result no longer depends on the number of rows — see the module docstring)."""
     return max(n, ROWS)
 
 
