@@ -140,7 +140,7 @@ def test_rl_panels_reward_first_then_kl_and_clipping_then_lengths(rl_runs, stage
     assert not {"lr", "reward/distinct_tokens/mean"} & drawn
     constant = [k for k in recs[0] if isinstance(recs[0][k], float) and len({r.get(k) for r in recs}) == 1]
     assert constant and not set(constant) & drawn                             # every constant series left out
-    assert len(fig.axes) <= 16 and fig.get_size_inches()[1] <= 8.0
+    assert len(fig.axes) <= 17 and fig.get_size_inches()[1] <= 8.0          # 17: the log-prob gap panel
     out = rl_runs / f"{stage}.png"
     assert vis_log([str(rl_runs / stage), "--out", str(out)]) == 0
     assert_png(out)
