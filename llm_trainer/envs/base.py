@@ -14,7 +14,9 @@ An environment plays the other side of a conversation with the policy, one episo
             return [{"role": "user", "content": "Try again."}], 0.0, False
 
 ``step`` may also return a :class:`StepResult` (which can carry the parsed assistant message, e.g. with its
-``tool_calls``, and counters for the logs). ``observation`` None or ``done=True`` ends the episode. The rewards of
+``tool_calls``, and counters for the logs). An optional ``bind_template(chat_template)`` is called once, before
+``reset``, with the chat template the episode is rendered with (the tool environment reads its tool-call syntax
+off it). ``observation`` None or ``done=True`` ends the episode. The rewards of
 all steps are added into the episode's environment reward. The trainer takes an environment *factory* — a class or a
 zero-argument callable — and builds one environment per episode, so environments may keep per-episode state.
 
