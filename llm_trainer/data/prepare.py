@@ -8,7 +8,9 @@ Input records (one JSON object per line; blank lines are ignored):
 - ``dpo`` / ``reward``: ``{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}`` →
   indexed folder with chosen/rejected sequences, loss masks and prompt lengths;
 - ``rl``: ``{"prompt": str | messages[, "answer": str | number]}`` → indexed folder of prompts ending in the
-  generation prompt, with the reference answer's ids and text.
+  generation prompt, with the reference answer's ids and text;
+- ``classify``: ``{"text": str, "label": str | int}`` → indexed folder with a class id per record
+  (:mod:`llm_trainer.data.classify`, which also maps string labels to ids).
 
 An optional image column (``image_field``: a path or a list of paths per record) is stored with the indexed data;
 the text must hold one image placeholder token per path.
@@ -36,7 +38,7 @@ from llm_trainer.data.formats import DataError, IndexedWriter, NpyWriter, replac
 
 __all__ = ["prepare", "PrepareStats", "STAGES"]
 
-STAGES = ("pretrain", "sft", "dpo", "reward", "rl")
+STAGES = ("pretrain", "sft", "dpo", "reward", "rl", "classify")
 
 
 @dataclass
@@ -461,14 +463,20 @@ class _Sink:
 def prepare(stage: str, tokenizer: Any, inputs: str | os.PathLike | Sequence[str | os.PathLike],
             output: str | os.PathLike, *, template: str | None = None, max_length: int | None = None,
             workers: int = 1, skip_bad: bool = False, image_field: str | None = None, text_field: str = "text",
-            progress: bool = True, chunk_lines: int = 256, progress_stream=None) -> PrepareStats:
+            progress: bool = True, chunk_lines: int = 256, progress_stream=None, labels=None) -> PrepareStats:
     """Tokenise jsonl ``inputs`` for ``stage`` into ``output`` (a ``.npy`` file for pretrain — ``.npy`` is appended
     when missing — else an indexed folder). ``tokenizer``: a :class:`~llm_trainer.tokenizer.Tokenizer` or a path.
     ``template``: chat template name (default: the tokenizer's). ``max_length``: truncate longer samples (pretrain:
-    documents, EOS included). ``workers``: processes (1 = in this process). Returns :class:`PrepareStats`."""
+    documents, EOS included). ``workers``: processes (1 = in this process). ``labels``: classify only (class names or a
+    prepared folder to take them from). Returns :class:`PrepareStats`."""
     t0 = time.perf_counter()
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage == "classify":   # batched in-process tokenising and the class-label mapping: llm_trainer.data.classify
+        from .classify import prepare_classify
+        return prepare_classify(tokenizer, inputs, output, labels=labels, template=template, max_length=max_length,
+                                skip_bad=skip_bad, text_field=text_field, progress=progress, chunk_lines=chunk_lines,
+                                progress_stream=progress_stream)
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     if workers < 1:
