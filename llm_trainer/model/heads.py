@@ -30,7 +30,7 @@ from ..data.collate import pad_with_mask
 from .config import ModelConfig
 from .llm import LlmModel
 
-__all__ = ["last_token_index", "LastTokenHead", "SequenceClassifier", "is_classifier_folder",
+__all__ = ["last_token_index", "last_token_states", "LastTokenHead", "SequenceClassifier", "is_classifier_folder",
            "CLASSIFIER_SUFFIX"]
 
 CLASSIFIER_SUFFIX = "ForSequenceClassification"
@@ -43,10 +43,18 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=-1).values.clamp(min=0)
 
 
-class LastTokenHead(nn.Linear):
-    """``Linear(hidden, outputs)`` applied to the hidden state of each row's last real token.
+def last_token_states(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, H]``: each row's hidden state at its last real token (no mask: the last position)."""
+    if attention_mask is None:
+        idx = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device, dtype=torch.long)
+    else:
+        idx = last_token_index(attention_mask)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 
-    ``forward(hidden [B, S, H], attention_mask [B, S] | None)`` → ``[B, outputs]`` (no mask: the last position).
+
+class LastTokenHead(nn.Linear):
+    """``Linear(hidden, outputs)`` for the hidden state of each row's last real token: ``head(x)`` is the plain
+    linear map, ``head.read(hidden [B, S, H], attention_mask [B, S] | None)`` → ``[B, outputs]`` pools first.
     Initialised ``normal(0, std)`` (default ``1/sqrt(hidden + 1)``) with a zero bias."""
 
     def __init__(self, hidden_size: int, outputs: int, *, bias: bool, dtype: torch.dtype | None = None,
@@ -58,12 +66,8 @@ class LastTokenHead(nn.Linear):
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if attention_mask is None:
-            idx = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device, dtype=torch.long)
-        else:
-            idx = last_token_index(attention_mask)
-        return super().forward(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx])
+    def read(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self(last_token_states(hidden, attention_mask))
 
 
 def head_kwargs(backbone: nn.Module) -> dict[str, Any]:
@@ -121,7 +125,7 @@ class SequenceClassifier(nn.Module):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             return_hidden_states=True, **kwargs)
         self._aux_loss = out.aux_loss
-        return self.score(out.hidden_states, attention_mask).float()
+        return self.score.read(out.hidden_states, attention_mask).float()
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (PaLM appendix B) without the vocabulary projection (read once per sequence)."""

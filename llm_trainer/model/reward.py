@@ -46,7 +46,7 @@ class RewardModel(nn.Module):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             return_hidden_states=True, **kwargs)
         self._aux_loss = out.aux_loss
-        return self.score_head(out.hidden_states, attention_mask).squeeze(-1).float()
+        return self.score_head.read(out.hidden_states, attention_mask).squeeze(-1).float()
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.backbone.flops_per_token(seq_len)
