@@ -89,9 +89,9 @@ def test_perplexity_windows_predict_every_token_once(work, tmp_path):
         ids = tok.encode(text)
         n_bytes += len(text.encode())
         done = 0
-        while done < len(ids):                       # a window: the token before + up to L-1 new tokens
+        while done < len(ids):                       # a window: the token before + up to L new tokens
             prev = start if done == 0 else ids[done - 1]
-            chunk = ids[done:done + L - 1]
+            chunk = ids[done:done + L]
             nll -= by_hand_logprob(model, [prev] + chunk, len(chunk))
             n += len(chunk)
             done += len(chunk)

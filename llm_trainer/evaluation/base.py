@@ -95,18 +95,21 @@ def scatter_sum(backend: Any, n: int, parts: dict[int, Sequence[float]], width: 
 
 @torch.no_grad()
 def loglikelihoods(trainer: Any, requests: Sequence[tuple[Sequence[int], int]], batch_size: int,
-                   max_length: int | None = None) -> torch.Tensor:
+                   max_length: int | None = None, greedy: bool = False):
     """``[N]`` float64 on every rank: for each request ``(ids, n)`` the summed log-probability of its last ``n``
-    tokens given the tokens before them. Longer than ``max_length``: the first tokens are dropped (the scored ones
-    are kept while they fit). Collective: every rank passes the same requests."""
+    tokens given the tokens before them. The model reads every token but the last (which is only predicted); when
+    that is more than ``max_length`` tokens the first ones are dropped (the scored ones are kept while they fit), as
+    lm-evaluation-harness does. ``greedy=True``: also ``[N]`` bool, whether every scored token is the argmax of its
+    position (the harness's ``is_greedy``; projects the scored positions at once). Collective: every rank passes the
+    same requests."""
     backend = trainer.backend
     seqs, scored = [], []
     for ids, n in requests:
         ids = list(ids)
         if not 1 <= n < len(ids):
             raise ValueError(f"a log-likelihood request scores {n} of {len(ids)} tokens (needs 1 <= n < length)")
-        if max_length is not None and len(ids) > max_length:
-            ids, n = ids[len(ids) - max_length:], min(n, max_length - 1)
+        if max_length is not None and len(ids) - 1 > max_length:
+            ids, n = ids[len(ids) - 1 - max_length:], min(n, max_length)
         seqs.append(ids)
         scored.append(n)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))      # similar lengths share a batch
@@ -116,20 +119,24 @@ def loglikelihoods(trainer: Any, requests: Sequence[tuple[Sequence[int], int]], 
     lm = language_model(trainer)
     with eval_mode(trainer.model):
         for idx, padding in even_batches(backend, mine, batch_size, order[0] if order else 0):
-            ids, mask = pad_with_mask([seqs[i] for i in idx], pad)
-            labels = torch.full_like(ids, IGNORE_INDEX)
+            ids, mask = pad_with_mask([seqs[i][:-1] for i in idx], pad)
+            targets = torch.full_like(ids, IGNORE_INDEX)      # targets[t]: the token position t predicts, if scored
             for row, i in enumerate(idx):
-                L = len(seqs[i])
-                labels[row, L - scored[i]:L] = ids[row, L - scored[i]:L]
-            ids, mask, labels = (t.to(trainer.device) for t in (ids, mask, labels))
+                L = len(seqs[i]) - 1
+                targets[row, L - scored[i]:L] = torch.tensor(seqs[i][L + 1 - scored[i]:])
+            ids, mask, targets = (t.to(trainer.device) for t in (ids, mask, targets))
             with backend.autocast():
                 out = lm(input_ids=ids, attention_mask=mask, return_hidden_states=True)
                 with backend.output_projection(lm) as project:
-                    lp, _ = chunked_token_logps(out.hidden_states, project, labels)
+                    lp, hit = chunked_token_logps(out.hidden_states, project, targets, shift=False)
+                    if greedy:
+                        wrong = torch.zeros_like(hit)
+                        wrong[hit] = project(out.hidden_states[hit]).argmax(-1) != targets[hit]
             if not padding:
                 for row, i in enumerate(idx):
-                    results[i] = [float(lp[row].double().sum())]
-    return scatter_sum(backend, len(seqs), results, 1)[:, 0]
+                    results[i] = [float(lp[row].double().sum())] + ([float(not wrong[row].any())] if greedy else [])
+    table = scatter_sum(backend, len(seqs), results, 2 if greedy else 1)
+    return (table[:, 0], table[:, 1] == 1) if greedy else table[:, 0]
 
 
 class EvalTask:

@@ -5,8 +5,8 @@
 - :class:`MultipleChoiceTask` — the log-likelihood of each choice as a continuation of the prompt; the prediction is
   the most likely choice (``acc``) or the most likely per character (``acc_norm``), the method of
   lm-evaluation-harness (Gao et al. 2021; ``output_type: multiple_choice``).
-- :class:`PerplexityTask` — held-out text scored in windows of ``max_length`` tokens that together predict every
-  token once (the first from the BOS/EOS token, as lm-evaluation-harness's rolling log-likelihood): ``nll`` per
+- :class:`PerplexityTask` — held-out text scored in windows of ``max_length`` input tokens that together predict
+  every token once (the first from the BOS/EOS token, as lm-evaluation-harness's rolling log-likelihood): ``nll`` per
   token, ``ppl = exp(nll)`` and ``bits_per_byte``.
 
 All are batched and split over ranks (see :mod:`.base`); prompts are chat-templated with the tokenizer when
@@ -235,8 +235,9 @@ class MultipleChoiceTask(EvalTask):
 
 class PerplexityTask(EvalTask):
     """Records ``{"text": str}``. Each text is tokenised, the BOS token (else EOS) put in front, and cut into windows
-    of at most ``max_length`` tokens (None → the trainer's ``block_size``) whose first token is the one before them,
-    so every token of the text is predicted exactly once. Metrics: ``nll`` (mean negative log-likelihood per token,
+    that predict up to ``max_length`` tokens (None → the trainer's ``block_size``) from the token before them and
+    those of the window, so every token of the text is predicted exactly once (with up to ``max_length`` tokens of
+    context). Metrics: ``nll`` (mean negative log-likelihood per token,
     nats), ``ppl`` (``exp(nll)``) and ``bits_per_byte`` (the summed NLL in bits over the texts' UTF-8 bytes,
     comparable across tokenizers)."""
 
@@ -244,8 +245,8 @@ class PerplexityTask(EvalTask):
 
     def __init__(self, name: str, data: Any, *, max_length: int | None = None, **kwargs: Any):
         super().__init__(name, data, **kwargs)
-        if max_length is not None and max_length < 2:
-            raise ValueError(f"PerplexityTask.max_length must be >= 2, got {max_length}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"PerplexityTask.max_length must be >= 1, got {max_length}")
         self.max_length = max_length
         self._requests: list[tuple[list[int], int]] | None = None
 
@@ -256,8 +257,8 @@ class PerplexityTask(EvalTask):
         out = []
         for it in self.items:
             ids = [start] + tok.encode(it["text"])
-            for s in range(1, len(ids), max_length - 1):
-                window = ids[s - 1:s + max_length - 1]
+            for s in range(1, len(ids), max_length):
+                window = ids[s - 1:s + max_length]
                 out.append((window, len(window) - 1))
         return out
 
