@@ -83,19 +83,7 @@ def test_a_missing_rng_file_warns_that_the_resume_is_not_exact(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ item 8
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
-
-
+@pytest.mark.parametrize("small_disk", ["2m"], indirect=True)
 def test_a_full_disk_during_a_save_keeps_the_run_resumable(tmp_path, small_disk):
     data = write_pretrain_tokens(tmp_path / "tokens.npy")
     out = small_disk / "out"
