@@ -176,6 +176,42 @@ def test_gradient_checkpointing_same_grads(moe):
         assert ckpt["model.layers.2.mlp.gate.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("layers, expected", [
+    (None, {0, 1, 2, 3, 4}),
+    (slice(None, None, 2), {0, 2, 4}),   # every other block
+    (slice(1, None, 3), {1, 4}),
+    (slice(0, 2), {0, 1}),
+    ([1, -1], {1, 4}),
+    (range(3, 5), {3, 4}),
+])
+def test_gradient_checkpointing_block_selection_same_grads_with_dropout(layers, expected):
+    model = tiny(num_hidden_layers=5, hidden_dropout=0.2, attention_dropout=0.2).train()
+    ids = torch.randint(0, V, (2, 8))
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(7)  # same dropout masks: checkpointing replays the RNG state in its recomputation
+        model(ids).logits.logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.set_gradient_checkpointing(True, layers=layers)
+    assert model._checkpointed == expected
+    ckpt = grads()
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
+    model.set_gradient_checkpointing(False, layers=[0])
+    assert model._checkpointed == expected - {0}
+    model.set_gradient_checkpointing(False)
+    assert model._checkpointed == set()
+
+
+@pytest.mark.parametrize("bad", [[5], [-6], [1.0], [True]])
+def test_gradient_checkpointing_bad_layer_index(bad):
+    with pytest.raises(ValueError, match=r"layer index .* is not an int in \[-5, 5\) \(the model has 5 blocks\)"):
+        tiny(num_hidden_layers=5).set_gradient_checkpointing(True, layers=bad)
+
+
 def test_parameter_count_and_flops():
     model = tiny()
     n = model.num_parameters()
