@@ -372,6 +372,7 @@ class ConfigMixin:
 # the configs
 
 OPTIM_TYPES = ("adam", "adamw", "lion")
+OPTIM_STATE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass(kw_only=True)
@@ -423,10 +424,13 @@ class OptimConfig(ConfigMixin):
     cosine_annealing_period: int | None = None
     cosine_annealing_period_mul: float = 0
     auto_optimize_optimizer: bool = True  # fused/foreach kernels where supported (CUDA)
+    state_dtype: str = "fp32"
+    """Dtype of the optimizer's moment buffers: 'fp32' or 'bf16' (halves Adam/Lion state; updates still fp32)."""
 
     def __post_init__(self) -> None:
         n = "OptimConfig"
         _one_of(self, "optim_type", OPTIM_TYPES)
+        _one_of(self, "state_dtype", OPTIM_STATE_DTYPES)
         _num_ge(self, "initial_lr", 0.0)
         if not self.enable_lr_scheduler:
             _check(self.initial_lr > 0, f"{n}.initial_lr", self.initial_lr, "must be > 0 when the scheduler is off")

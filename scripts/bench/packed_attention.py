@@ -99,8 +99,8 @@ def flex_forward(model, ids, doc):
 
 
 def run_child(args, length: int, impl: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--impl", impl, "--length", str(length), "--threads",
-           str(args.threads), "--min-doc", str(args.min_doc), "--max-doc", str(args.max_doc), "--seed", str(args.seed)]
+    cmd = [sys.executable, __file__, "--child", "--impl", impl, "--length", str(length), "--threads", str(args.threads),
+           "--min-doc", str(args.min_doc), "--max-doc", str(args.max_doc), "--seed", str(args.seed)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
