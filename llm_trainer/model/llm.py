@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .cache import KVCache
+from .cache import KVCache, StaticKVCache
 from .config import ModelConfig
 from .layers import MLP, Attention, DocumentLayout, Embedding, Linear, RMSNorm, rope_cos_sin
 from .moe import SparseMoE
@@ -295,7 +295,7 @@ class LlmModel(nn.Module):
     def decode_step(
         self,
         input_ids: torch.Tensor,
-        cache: KVCache,
+        cache: KVCache | StaticKVCache,
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
@@ -308,15 +308,18 @@ class LlmModel(nn.Module):
         attend), or None when every query may see every cached key (one new token over an unpadded cache). The ids
         are trusted (no vocabulary range check: they come from the model's own output projection). Same numerics
         as `forward`; MoE layers route without a token mask (at inference, outputs do not depend on it).
+        `cache` may also be a `StaticKVCache` (one token per step, with an `attn_mask` over all its positions).
         """
         if self.training:
             raise RuntimeError("decode_step is for inference; call model.eval() first")
         h = self.model.embed_tokens(input_ids)
         S = input_ids.shape[1]
-        past = cache.get_seq_length()
-        is_causal = attn_mask is None and past == 0 and S > 1
-        if attn_mask is None and past and S > 1:
-            attn_mask = build_attention_mask(S, past, None, None, h.device)
+        is_causal = False
+        if attn_mask is None and S > 1:
+            past = cache.get_seq_length()
+            is_causal = past == 0
+            if past:
+                attn_mask = build_attention_mask(S, past, None, None, h.device)
         for layer in self.model.layers:
             h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attn_mask, is_causal, cache)
             x = layer.post_attention_layernorm(h)
