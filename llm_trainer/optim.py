@@ -168,7 +168,7 @@ class AdamW(_PrecisionMixin, torch.optim.Optimizer):
                 theta.mul_(1.0 - lr * wd)
                 m.lerp_(grad, 1.0 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = (v.sqrt() / (1.0 - beta2**t) ** 0.5).add_(eps)
+                denom = v.sqrt().div_((1.0 - beta2**t) ** 0.5).add_(eps)
                 theta.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
                 for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
                     if state[key] is not value:
