@@ -132,6 +132,17 @@ def test_group_prefill_sampling_equals_repeated_prompts(dense):
     assert len({tuple(c) for c in g.completions[:4]}) > 1  # the group's samples differ
 
 
+def test_group_prefill_with_repetition_penalty_and_ragged_prompts(dense):
+    """Regression: the padding mask was repeated for the group twice when the repetition penalty built its
+    seen-token mask (a shape error); the penalty must see each row's own prompt, padding excluded."""
+    cfg = GenerateConfig(max_new_tokens=8, do_sample=False, repetition_penalty=1.5)
+    g = generate(dense, PROMPTS[:2], cfg, eos_token_ids=[], group_size=2, return_logprobs=True)
+    r = generate(dense, [p for p in PROMPTS[:2] for _ in range(2)], cfg, eos_token_ids=[], return_logprobs=True)
+    assert g.completions == r.completions
+    for a, b in zip(g.logprobs, r.logprobs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------- sampling
 def test_top_k_1_equals_greedy_and_seeding(dense):
     greedy = generate(dense, PROMPTS, GREEDY, eos_token_ids=[])

@@ -197,7 +197,14 @@ def test_gradient_checkpointing_block_selection_same_grads_with_dropout(layers, 
     plain = grads()
     model.set_gradient_checkpointing(True, layers=layers)
     assert model._checkpointed == expected
+    calls = [0] * 5
+    hooks = [block.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, block in enumerate(model.model.layers)]
     ckpt = grads()
+    for h in hooks:
+        h.remove()
+    assert {i for i, n in enumerate(calls) if n == 2} == expected  # recomputed in backward: run twice
+    assert all(n in (1, 2) for n in calls)
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
     model.set_gradient_checkpointing(False, layers=[0])
