@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import llm_trainer
 from llm_trainer.cli.main import main
 from llm_trainer.model import LlmModel
 
