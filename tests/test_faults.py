@@ -209,3 +209,12 @@ def test_loss_config_moe_coefficients_reach_the_model(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Trainer(train_config=_pretrain(tmp_path / "plain", max_steps=1))  # no override: no warning either
+
+
+def test_gradient_checkpointing_selects_blocks(tmp_path):
+    for setting, want in ((True, {0, 1, 2, 3}), (2, {0, 2}), ([-1], {3}), (False, set())):
+        tr = Trainer(train_config=_pretrain(tmp_path / str(setting), max_steps=1, gradient_checkpointing=setting,
+                                            model_config=tiny_model_config(num_hidden_layers=4)))
+        assert tr.backend.unwrap(tr.model)._checkpointed == want, setting
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        _pretrain(tmp_path / "bad", gradient_checkpointing="yes")
