@@ -1,4 +1,5 @@
-"""``llm-trainer``: ``quickstart`` (the whole pipeline on self-generated data) and ``run pipeline.toml``."""
+"""``llm-trainer``: ``quickstart`` (the whole pipeline on self-generated data), ``run pipeline.toml``, ``chat MODEL_DIR``
+and ``serve MODEL_DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("pipeline", help="pipeline .toml file")
     r.add_argument("--only", nargs="+", default=None, help="run only these stage names")
 
+    from . import chat, serve
+    chat.add_arguments(sub.add_parser("chat", help="chat with a model folder in the terminal (streamed answers)",
+                                      description=chat.__doc__))
+    serve.add_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server (+ web chat, reward scoring)",
+                                       description=serve.__doc__))
+
     args = ap.parse_args(argv)
+    if args.command in ("chat", "serve"):
+        return (chat if args.command == "chat" else serve).run(args)
     if args.command == "quickstart":
         if args.vlm:
             from ..quickstart.vlm import run_vlm_quickstart

@@ -31,8 +31,9 @@ import numpy as np
 
 from .formats import DataError, IndexedWriter
 from .indexed import IndexedData
-from .prepare import PrepareStats, _Bad, _Progress
+from .prepare import PrepareStats, _Progress
 from .provenance import tokenizer_record
+from .records import BadRecord
 
 __all__ = ["prepare_classify", "ClassifyDataset", "label_names_of", "LABEL_FIELD"]
 
@@ -54,7 +55,7 @@ def label_names_of(labels: Sequence[str] | str | os.PathLike | None) -> list[str
 
 
 def _records(files: Sequence[str]) -> Iterator[tuple[str, int, Any, int]]:
-    """(file, line number, parsed object or the _Bad describing why not, bytes) of every non-blank line."""
+    """(file, line number, parsed object or the BadRecord describing why not, bytes) of every non-blank line."""
     for f in files:
         with open(f, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
@@ -63,12 +64,12 @@ def _records(files: Sequence[str]) -> Iterator[tuple[str, int, Any, int]]:
                 try:
                     obj = json.loads(raw)
                 except UnicodeDecodeError as e:
-                    obj = _Bad(None, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                    obj = BadRecord(None, f"not valid UTF-8 ({e.reason} at byte {e.start})")
                 except json.JSONDecodeError as e:
-                    obj = _Bad(None, f"malformed JSON ({e.msg} at column {e.colno})")
+                    obj = BadRecord(None, f"malformed JSON ({e.msg} at column {e.colno})")
                 else:
                     if not isinstance(obj, dict):
-                        obj = _Bad(None, f"expected a JSON object, got {type(obj).__name__}")
+                        obj = BadRecord(None, f"expected a JSON object, got {type(obj).__name__}")
                 yield f, lineno, obj, len(raw)
 
 
@@ -95,20 +96,20 @@ class _LabelMap:
 
     def __call__(self, value: Any) -> int:
         if value is None:
-            raise _Bad(self.field, "missing label")
+            raise BadRecord(self.field, "missing label")
         if _is_int(value):
             if value < 0 or (self.names is not None and value >= len(self.names)):
                 known = f"[0, {len(self.names)})" if self.names is not None else "non-negative"
-                raise _Bad(self.field, f"unknown label {value}: class ids must be {known}")
+                raise BadRecord(self.field, f"unknown label {value}: class ids must be {known}")
             self.max_id = max(self.max_id, value)
             return value
         if isinstance(value, str):
             if self.index is None:
-                raise _Bad(self.field, f"label {value!r} is a string but the labels of this data are ints")
+                raise BadRecord(self.field, f"label {value!r} is a string but the labels of this data are ints")
             if value not in self.index:
-                raise _Bad(self.field, f"unknown label {value!r}; known labels: {self.names}")
+                raise BadRecord(self.field, f"unknown label {value!r}; known labels: {self.names}")
             return self.index[value]
-        raise _Bad(self.field, f"label must be a string or an int, got {type(value).__name__}")
+        raise BadRecord(self.field, f"label must be a string or an int, got {type(value).__name__}")
 
     @property
     def num_labels(self) -> int:
@@ -130,8 +131,7 @@ def prepare_classify(tokenizer: Any, inputs: str | os.PathLike | Sequence[str | 
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if template is not None:
-        from ..chat_templates import get_template
-        get_template(template)  # an unknown name fails here, once
+        tokenizer.get_chat_template(template)  # an unknown name fails here, once
     files = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(f) for f in inputs]
     if not files:
         raise ValueError("no input files")
@@ -156,7 +156,7 @@ def prepare_classify(tokenizer: Any, inputs: str | os.PathLike | Sequence[str | 
                                                       template=template).input_ids for t in texts]
         for (f, line, _, label), ids in zip(batch, ids_list):
             if not ids:
-                bad(f, line, _Bad(text_field, "the text tokenises to nothing"))
+                bad(f, line, BadRecord(text_field, "the text tokenises to nothing"))
                 continue
             if max_length is not None and len(ids) > max_length:
                 ids = ids[:max_length]
@@ -167,7 +167,7 @@ def prepare_classify(tokenizer: Any, inputs: str | os.PathLike | Sequence[str | 
             stats.tokens += len(ids)
         bar.update(nbytes, len(batch), sum(len(i) for i in ids_list))
 
-    def bad(file: str, line: int, e: _Bad) -> None:
+    def bad(file: str, line: int, e: BadRecord) -> None:
         err = DataError(e.reason, file=file, line=line, field=e.field)
         if not skip_bad:
             raise err
@@ -181,17 +181,17 @@ def prepare_classify(tokenizer: Any, inputs: str | os.PathLike | Sequence[str | 
         for f, line, obj, size in _records(files):
             nbytes += size
             try:
-                if isinstance(obj, _Bad):
+                if isinstance(obj, BadRecord):
                     raise obj
                 text = obj.get(text_field)
                 if text is None:
-                    raise _Bad(text_field, "missing field")
+                    raise BadRecord(text_field, "missing field")
                 if not isinstance(text, str):
-                    raise _Bad(text_field, f"expected a string, got {type(text).__name__}")
+                    raise BadRecord(text_field, f"expected a string, got {type(text).__name__}")
                 if not text.strip():
-                    raise _Bad(text_field, "empty text")
+                    raise BadRecord(text_field, "empty text")
                 batch.append((f, line, text, label_of(obj.get(label_field))))
-            except _Bad as e:
+            except BadRecord as e:
                 bad(f, line, e)
             if len(batch) >= chunk_lines:
                 encode(batch, nbytes)

@@ -26,9 +26,9 @@ import torch
 
 from ..data.collate import IGNORE_INDEX, pad_with_mask
 from ..data.formats import DataError
+from ..generation import eval_mode
 from ..losses import chunked_token_logps
 from ..trainers.collective import even_batches, rank_shard
-from ..trainers.reference import eval_mode
 
 __all__ = ["Evaluator", "EvalTask", "load_items", "language_model", "loglikelihoods", "scatter_sum"]
 

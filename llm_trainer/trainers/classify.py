@@ -37,7 +37,7 @@ from ..data.formats import DataError
 from ..model.heads import SequenceClassifier, is_classifier_folder
 from .base import BaseTrainer, LossOutput
 from .collective import even_batches, rank_shard
-from .setup import export_model, is_vlm_config
+from .setup import checkpointed_layers, export_model, is_vlm_config
 
 __all__ = ["ClassificationTrainer", "ClassificationCollate", "confusion_matrix", "classification_scores"]
 
@@ -122,8 +122,8 @@ class ClassificationTrainer(BaseTrainer):
                        target_modules=cfg.lora.target_modules)
         elif sc.trainable != "all":
             model.freeze_backbone(sc.trainable_blocks if sc.trainable == "last_blocks" else 0)
-        if cfg.gradient_checkpointing:
-            model.set_gradient_checkpointing(True)
+        if cfg.gradient_checkpointing is not False:
+            model.set_gradient_checkpointing(True, layers=checkpointed_layers(cfg.gradient_checkpointing))
         return model
 
     def resolve_labels(self) -> tuple[int, list[str]]:
