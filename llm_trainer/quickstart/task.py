@@ -130,13 +130,14 @@ def prepare_task_data(out: Path, max_operand: int = 9, tokenizer: str | None = N
     return json.loads(ready.read_text())["tokenizer"]
 
 
-def statement_records(problems: list[Problem], rng: random.Random) -> list[dict]:
+def statement_records(problems: list[Problem], rng: random.Random, max_sum: int) -> list[dict]:
     """The classification task: ``"a+b=c"`` statements labelled ``"true"`` or ``"false"``, one of each per problem
-    (the false sum a plausible wrong one, :func:`wrong_answer`), shuffled."""
+    (the false sum a random wrong one in ``[0, max_sum]``), shuffled."""
     out = []
     for p in problems:
+        wrong = rng.choice([c for c in range(max_sum + 1) if c != p.answer])
         out.append({"text": f"{p.a}+{p.b}={p.answer}", "label": "true"})
-        out.append({"text": f"{p.a}+{p.b}={wrong_answer(p, rng)}", "label": "false"})
+        out.append({"text": f"{p.a}+{p.b}={wrong}", "label": "false"})
     rng.shuffle(out)
     return out
 
@@ -147,6 +148,6 @@ def write_classify_files(out: Path, seed: int = 0, max_operand: int = 49) -> dic
     rng = random.Random(seed + 1)
     train, test = split_problems(max_operand, seed=seed)
     files = {"classify": out / "classify.jsonl", "classify_test": out / "classify_test.jsonl"}
-    write_jsonl(files["classify"], statement_records(train, rng))
-    write_jsonl(files["classify_test"], statement_records(test, rng))
+    write_jsonl(files["classify"], statement_records(train, rng, 2 * max_operand))
+    write_jsonl(files["classify_test"], statement_records(test, rng, 2 * max_operand))
     return files
