@@ -3,12 +3,20 @@
 ``ConfigMixin`` gives every config ``to_dict`` / ``from_dict`` / ``save`` / ``load``. ``from_dict`` converts
 nested tables into the declared dataclass types (a ``Union`` of dataclasses picks the tightest class whose fields
 fit the table — that is how ``DsZero3Config`` is told from ``DsZero2Config`` by its fixed ``stage`` field), turns
-lists into tuples where a tuple is declared, and rejects an unknown key with the close matches. Callables and
-other non-plain objects are left out of ``to_dict`` (``strict=True`` raises instead); ``None`` is omitted from
-TOML (TOML has no null: a missing key means "the default").
+lists into tuples where a tuple is declared, rejects an unknown key with the close matches, and rejects a value
+of the wrong type naming the field and the declared type (``TrainConfig.batch_size: expected int, got 'x' (str)``)
+before the config's own ``__post_init__`` checks run. Callables and other non-plain objects are left out of
+``to_dict`` (``strict=True`` raises instead); ``None`` is omitted from TOML (TOML has no null: a missing key means
+"the default").
+
+Command-line overrides: :func:`parse_overrides` turns ``["optim_config.max_lr=3e-4", "report_to=[\"wandb\"]"]``
+into a nested dict (each value read as a TOML value, else kept as a string) that :func:`deep_merge` lays over a
+config file's dict.
 """
 from __future__ import annotations
 
+import collections.abc
+import copy
 import dataclasses
 import difflib
 import importlib
@@ -20,8 +28,7 @@ import typing
 from pathlib import Path
 from typing import Any, Union
 
-__all__ = ["ConfigMixin", "dict_to_toml", "load_dict", "from_dict", "to_plain"]
-
+__all__ = ["ConfigMixin", "dict_to_toml", "load_dict", "from_dict", "to_plain", "parse_overrides", "deep_merge"]
 
 
 class _Skip:
@@ -98,6 +105,55 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _type_ok(tp: Any, value: Any) -> bool:
+    """``value`` fits the declared type ``tp``. Lenient where the configs' own checks coerce: an int is a float, a
+    path object a str, one item a ``list[X]`` (e.g. ``report_to = "wandb"``); unknown annotations accept anything."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or isinstance(tp, typing.TypeVar):
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(t, value) for t in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, (str, os.PathLike))
+    if origin in (list, tuple, collections.abc.Sequence):
+        items = [t for t in args if t is not Ellipsis]
+        if not isinstance(value, (list, tuple)):
+            return origin is list and bool(items) and _type_ok(items[0], value)
+        return not items or all(any(_type_ok(t, v) for t in items) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if origin is collections.abc.Callable or tp is collections.abc.Callable:
+        return callable(value)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return repr(tp).replace("typing.", "").replace("collections.abc.", "")
+
+
+def _check_type(tp: Any, value: Any, where: str) -> None:
+    if not _type_ok(tp, value):
+        raise TypeError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
 # modules defining subclasses of re-exported configs, imported (if present) before choosing a class for a dict
 _SUBCLASS_MODULES = ("llm_trainer.model.vlm",)
 
@@ -164,7 +220,9 @@ def _from_dict(cls: type, data: dict[str, Any], where: str | None = None) -> Any
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             label = where if where == cls.__name__ else f"{where} ({cls.__name__})"
             raise ValueError(f"{label}: unknown field {key!r}{hint} (valid: {', '.join(flds)})")
-        kwargs[name] = _convert(hints.get(name, Any), value, f"{where}.{name}")
+        hint = hints.get(name, Any)
+        kwargs[name] = _convert(hint, value, f"{where}.{name}")
+        _check_type(hint, kwargs[name], f"{where}.{name}")
     return cls(**kwargs)
 
 
@@ -213,17 +271,67 @@ def dict_to_toml(data: dict[str, Any]) -> str:
 
 
 def load_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a `.toml` or `.json` file into a dict."""
+    """Read a `.toml`, `.json` or (with the optional ``pyyaml``) `.yaml`/`.yml` file into a dict."""
     path = Path(path)
-    if path.suffix.lower() == ".toml":
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
         import tomllib
 
         with open(path, "rb") as f:
             return tomllib.load(f)
-    if path.suffix.lower() == ".json":
+    if suffix == ".json":
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    raise ValueError(f"config file {str(path)!r} must end in .toml or .json")
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: reading YAML needs pyyaml (pip install 'llm_trainer[yaml]'), or write the "
+                             f"config as TOML") from None
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return data
+    raise ValueError(f"config file {str(path)!r} must end in .toml, .json, .yaml or .yml")
+
+
+def _override_value(text: str) -> Any:
+    """A command-line value read as TOML (``3e-4``, ``true``, ``[1, 2]``, ``"quoted"``), else the raw string."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` → ``{"a": {"b": 1}, "c": "x"}``: dotted keys become nested tables; each value is read
+    as a TOML value when it parses as one (quote a string that looks like a number: ``run_name='"2024"'``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise ValueError(f"override {item!r}: expected key=value or a.dotted.key=value")
+        table = out
+        for i, part in enumerate(parts[:-1]):
+            table = table.setdefault(part.strip(), {})
+            if not isinstance(table, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[:i + 1])} is set to a value, not a table")
+        if isinstance(table.get(parts[-1].strip()), dict):
+            raise ValueError(f"override {item!r}: {key.strip()} is a table (set its fields with {key.strip()}.name=)")
+        table[parts[-1].strip()] = _override_value(text.strip())
+    return out
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``override`` laid over it, table by table (nested dicts merge, other values replace)."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
 
 
 class ConfigMixin:
