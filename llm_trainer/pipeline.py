@@ -125,7 +125,7 @@ def resolve_paths(train: dict[str, Any], stage_config: dict[str, Any], root: Pat
         kd["teacher_model_path"] = resolve_path(kd["teacher_model_path"], root)
 
 
-def _inputs(cfg: TrainConfig, field_name: str) -> list[tuple[str, str]]:
+def input_paths(cfg: TrainConfig, field_name: str) -> list[tuple[str, str]]:
     """(field, path) of every path a stage reads: data, tokenizer and weights."""
     found = [(f"train.{k}", getattr(cfg, k)) for k in PATH_FIELDS]
     for key in PATH_LIST_FIELDS:
@@ -154,7 +154,7 @@ def check_inputs(planned: list[dict[str, Any]], names: set[str]) -> None:
         where = f"stages[{i}] ({stage['name']!r})"
         if not cfg.file_dataset:
             problems.append(f"{where}.train.file_dataset: not set (a stage needs its data)")
-        for field, path in _inputs(cfg, STAGES[stage["type"]][1]):
+        for field, path in input_paths(cfg, STAGES[stage["type"]][1]):
             if path in seen:
                 continue
             seen.add(path)

@@ -23,7 +23,7 @@ VOCAB_SIZE = 320          # the configs' model_config.vocab_size
 def make_data(folder: str | Path, seed: int = 0) -> Path:
     """Write tokenizer/, data/ and teacher/ into ``folder``; returns it."""
     folder = Path(folder)
-    files = write_task_files(folder / "data" / "jsonl", seed=seed, max_operand=9, pretrain_repeats=1)
+    files = write_task_files(folder / "data" / "jsonl", seed=seed, max_operand=9, pretrain_repeats=4)
     tokenizer = train_tokenizer([files["pretrain"], files["sft"]], vocab_size=VOCAB_SIZE,
                                 output_dir=folder / "tokenizer", template="chatml", show_progress=False)
     for stage, source in (("pretrain", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("reward", "dpo"), ("rl", "rl")):

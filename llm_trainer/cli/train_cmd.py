@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from ..config_io import ConfigMixin, deep_merge, dict_to_toml, from_dict, load_dict, parse_overrides
 from ..configs import TrainConfig
-from ..pipeline import STAGES, import_callable, resolve_path, resolve_paths
+from ..pipeline import STAGES, import_callable, input_paths, resolve_path, resolve_paths
 
 METHODS: dict[str, str] = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reward": "reward", "grpo": "grpo",
                            "ppo": "ppo", "distill": "sft"}
@@ -113,7 +113,7 @@ def load_method_config(method: str, path: str | Path, overrides: Sequence[str] =
     except (TypeError, ValueError) as e:
         raise ConfigFileError(f"{path}: {e}") from e
     _check_method(method, stage, slot, train_config, run_config, path)
-    return MethodRun(method, stage, train_config, run_config, path.resolve())
+    return MethodRun(method, stage, train_config, run_config, path)
 
 
 def _check_method(method: str, stage: str, slot: str, cfg: TrainConfig, run: RunConfig, path: Path) -> None:
@@ -129,6 +129,18 @@ def _check_method(method: str, stage: str, slot: str, cfg: TrainConfig, run: Run
                                   f"folder (and optionally kd_coef, kind, temperature)")
 
 
+def check_inputs(planned: MethodRun) -> None:
+    """ConfigFileError listing every input path (data, tokenizer, initial/reference/value/teacher weights) that
+    does not exist, before anything is built."""
+    cfg, slot = planned.train_config, STAGES[planned.stage][1]
+    if cfg.file_dataset is None:
+        raise ConfigFileError(f"{planned.source}: file_dataset: not set ({planned.method} needs its training data)")
+    missing = [f"{field.replace('train.', '').replace('config.', slot + '.', 1)}: {p} does not exist"
+               for field, p in input_paths(cfg, slot) if not Path(p).exists()]
+    if missing:
+        raise ConfigFileError(f"{planned.source}: missing inputs (nothing has run):\n  " + "\n  ".join(missing))
+
+
 def _entry(spec: Any, where: str, builtins: dict[str, Callable]) -> tuple[str, Callable, dict[str, Any]]:
     """A callback/evaluator entry → (name, the named object, keyword arguments)."""
     kwargs: dict[str, Any] = {}
@@ -142,10 +154,7 @@ def _entry(spec: Any, where: str, builtins: dict[str, Callable]) -> tuple[str, C
     if ":" not in spec:
         known = f"a built-in ({', '.join(builtins)}) or " if builtins else ""
         raise ConfigFileError(f"{where}: {spec!r} is not {known}'module:Name'")
-    try:
-        return spec, import_callable(spec, where), kwargs
-    except ValueError as e:
-        raise ConfigFileError(str(e)) from e
+    return spec, import_callable(spec, where), kwargs
 
 
 def _call(factory: Callable, kwargs: dict[str, Any], name: str, where: str) -> Any:
@@ -184,18 +193,22 @@ def build_evaluators(specs: list[str | dict], where: str = "[run].evaluators") -
 
 
 def trainer_kwargs(planned: MethodRun) -> dict[str, Any]:
-    """The trainer's keyword arguments: imports the reward functions, callbacks and evaluators."""
+    """The trainer's keyword arguments: imports the reward functions, callbacks and evaluators (the config file's
+    folder first on ``sys.path``)."""
     run = planned.run
-    kwargs: dict[str, Any] = {"train_config": planned.train_config, "eval_prompts": run.eval_prompts,
-                              "callbacks": build_callbacks(run.callbacks),
-                              "evaluators": build_evaluators(run.evaluators)}
-    if planned.stage in RL_STAGES:
-        specs = [run.reward] if isinstance(run.reward, str) else list(run.reward)
-        try:
+    folder = str(planned.source.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        kwargs: dict[str, Any] = {"train_config": planned.train_config, "eval_prompts": run.eval_prompts,
+                                  "callbacks": build_callbacks(run.callbacks),
+                                  "evaluators": build_evaluators(run.evaluators)}
+        if planned.stage in RL_STAGES:
+            specs = [run.reward] if isinstance(run.reward, str) else list(run.reward)
             rewards = [import_callable(s, f"[run].reward[{i}]") for i, s in enumerate(specs)]
-        except ValueError as e:
-            raise ConfigFileError(str(e)) from e
-        kwargs["reward_func"] = rewards[0] if isinstance(run.reward, str) else rewards
+            kwargs["reward_func"] = rewards[0] if isinstance(run.reward, str) else rewards
+    except ValueError as e:             # ConfigFileError, PipelineError (a failed import)
+        raise ConfigFileError(f"{planned.source}: {e}") from e
     return kwargs
 
 
@@ -211,8 +224,7 @@ def run_method(method: str, config: str | Path, overrides: Sequence[str] = (), p
             if is_main:
                 print(planned.to_toml(), end="", flush=True)
             return 0
-        if str(planned.source.parent) not in sys.path:
-            sys.path.insert(0, str(planned.source.parent))
+        check_inputs(planned)
         kwargs = trainer_kwargs(planned)
     except ConfigFileError as e:
         if is_main:
