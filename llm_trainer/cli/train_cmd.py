@@ -234,6 +234,7 @@ def run_method(method: str, config: str | Path, overrides: Sequence[str] = (), p
     if trainer.backend.is_main:
         (trainer.output_dir / RESOLVED_CONFIG).write_text(planned.to_toml(), encoding="utf-8")
     trainer.train()
+    trainer.backend.close()     # a process group left to interpreter exit sometimes aborts the process (gloo)
     return 0
 
 
