@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import llm_trainer
 from llm_trainer.cli.main import main
 from llm_trainer.model import LlmModel
 
@@ -69,14 +68,16 @@ def workspace(tmp_path_factory):
 
 
 class Recorder:
-    """Wraps the library's trainer classes (run_pipeline looks them up on ``llm_trainer``) to record what each
-    constructed trainer started from: its init path, step after resume, and its initial weights."""
+    """Wraps the library's trainer classes (run_pipeline looks them up with ``llm_trainer.trainers.trainer_class``)
+    to record what each constructed trainer started from: its init path, step after resume, and its initial weights."""
 
     def __init__(self, monkeypatch):
+        import llm_trainer.trainers as trainers
         self.made: list[dict] = []
-        for name in ("Trainer", "SFTTrainer"):
-            base = getattr(llm_trainer, name)
-            monkeypatch.setattr(llm_trainer, name, self._wrap(base))
+        real = trainers.trainer_class
+        wrapped = {}
+        monkeypatch.setattr(trainers, "trainer_class",
+                            lambda stage: wrapped.setdefault(stage, self._wrap(real(stage))))
 
     def _wrap(self, base):
         rec = self

@@ -1,6 +1,6 @@
 """``llm-trainer``: ``quickstart`` (the whole pipeline on self-generated data), ``run pipeline.toml`` (multi-stage),
-``{pretrain,sft,dpo,reward,grpo,ppo,distill} --config FILE [key=value ...]`` (one stage from a config file) and
-``env`` (a report for bug reports). See ``docs/cli.md``."""
+``{pretrain,sft,dpo,reward,grpo,ppo,distill} --config FILE [key=value ...]`` (one stage from a config file,
+``docs/cli.md``), ``env`` (a report for bug reports), ``chat MODEL_DIR`` and ``serve MODEL_DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -29,11 +29,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_cmd.add_parsers(sub)
     env.add_parser(sub)
 
+    from . import chat, serve
+    chat.add_arguments(sub.add_parser("chat", help="chat with a model folder in the terminal (streamed answers)",
+                                      description=chat.__doc__))
+    serve.add_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server (+ web chat, reward scoring)",
+                                       description=serve.__doc__))
+
     args = ap.parse_args(argv)
     if args.command in train_cmd.METHODS:
         return train_cmd.run_method(args.command, args.config, args.overrides, print_config=args.print_config)
     if args.command == "env":
         return env.run_env(as_json=args.json)
+    if args.command in ("chat", "serve"):
+        return (chat if args.command == "chat" else serve).run(args)
     if args.command == "quickstart":
         if args.vlm:
             from ..quickstart.vlm import run_vlm_quickstart

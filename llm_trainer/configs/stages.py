@@ -54,8 +54,9 @@ class PretrainConfig(ConfigMixin):
     """Deprecated alias of TrainConfig.gradient_accumulation_steps (a different value in both raises)."""
     kd_config: KDConfig | None = None
     """Distil from a teacher while pretraining (None → plain LM loss)."""
-    chunked_cross_entropy_size: int | None = None
-    """Tokens per chunk of the chunked cross-entropy (None → plain CE over full logits)."""
+    chunked_cross_entropy_size: int | None = 4096
+    """Tokens projected onto the vocabulary at a time (chunked cross-entropy and distillation: no full [B, S, V]
+    logits tensor); None → plain CE over full logits."""
     packing: bool = False
     """Attention and positions restart at each EOS inside a block (document masking)."""
 
@@ -82,8 +83,9 @@ class SFTConfig(ConfigMixin):
     """Deprecated alias of TrainConfig.gradient_accumulation_steps (a different value in both raises)."""
     kd_config: KDConfig | None = None
     """Distil from a teacher while fine-tuning (None → plain LM loss)."""
-    chunked_cross_entropy_size: int | None = None
-    """Tokens per chunk of the chunked cross-entropy (None → plain CE over full logits)."""
+    chunked_cross_entropy_size: int | None = 4096
+    """Tokens projected onto the vocabulary at a time (chunked cross-entropy and distillation: no full [B, S, V]
+    logits tensor); None → plain CE over full logits."""
     pixel_values_provider: Callable | None = None
     """VLM: ``fn(image_paths) -> Tensor [N, 3, H, W]`` (None → the vision config's default loader)."""
 

@@ -61,8 +61,9 @@ class TrainConfig(ConfigMixin):
     """Log metrics every N optimizer steps."""
     eval_batches: int | None = None
     """Batches of eval_file_dataset per evaluation (None → all)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: bool | int | list[int] = False
+    """Recompute activations in the backward pass to save memory: True (every block), an int k (every k-th block)
+    or a list of block indices (negative count from the end)."""
     pretrain_config: PretrainConfig | None = None
     """Settings of Trainer (pretraining)."""
     sft_config: SFTConfig | None = None
@@ -83,6 +84,12 @@ class TrainConfig(ConfigMixin):
     """Checkpoints, metrics.jsonl, samples and the final export (output_dir/final)."""
     tokenizer: str | None = None
     """tokenizer.json or a folder holding it (None → no text I/O: no sample generations)."""
+    chat_template: str | None = None
+    """The chat template to use: a named template of the tokenizer folder, a built-in ('chatml', 'llama3', 'plain')
+    or Jinja source (None → the folder's default: the model's own template)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template, e.g. {"enable_thinking": False}; they reach every prompt the trainer
+    renders (evaluation prompts, generation)."""
     seed: int = 42
     """Seeds model init, data order, dropout and sampling."""
     dtype: str = "auto"
@@ -128,6 +135,12 @@ class TrainConfig(ConfigMixin):
                   f"{n}.{slot}.gradient_accumulation_steps", alias,
                   f"conflicts with TrainConfig.gradient_accumulation_steps={self.gradient_accumulation_steps} "
                   f"(set it in one place: TrainConfig)")
+        gc = self.gradient_checkpointing
+        check(isinstance(gc, bool) or (is_int(gc) and gc >= 1) or
+              (isinstance(gc, (list, tuple)) and all(is_int(i) for i in gc)), f"{n}.gradient_checkpointing", gc,
+              "must be a bool, an int k >= 1 (every k-th block) or a list of block indices")
+        if isinstance(gc, tuple):
+            self.gradient_checkpointing = list(gc)
         int_ge(self, "dataset_block_size", 2, allow_none=True)
         max_pos = getattr(self.model_config, "max_position_embeddings", None)
         if self.dataset_block_size is not None and is_int(max_pos):

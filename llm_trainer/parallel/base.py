@@ -31,7 +31,6 @@ by every rank.
 from __future__ import annotations
 
 import contextlib
-import copy
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator
 

@@ -129,7 +129,7 @@ class BaseTrainer(CheckpointingMixin):
                                       self.backend)
         self.prepare_output_dir()
         seed_everything(cfg.seed)                       # identical model init on every rank
-        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.chat_template, cfg.chat_template_kwargs)
         self.model_config = resolve_model_config(cfg.model_config, cfg.init_weights_path, cfg.loss_config)
         model = self.build_model()
         check_trainable(model)

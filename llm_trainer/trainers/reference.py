@@ -15,22 +15,11 @@ from typing import Iterator
 
 from torch import nn
 
+from ..generation import eval_mode
 from ..model.lora import has_lora, lora_disabled
 from .setup import load_model, resolve_model_config
 
 __all__ = ["Reference", "build_reference", "eval_mode"]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode inside, each module's previous flag restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 @dataclass

@@ -221,7 +221,8 @@ class RLTrainer(BaseTrainer):
         """Adds ``old_logp`` (and ``ref_logp`` when a reference is used, ``old_values`` for PPO) to every
         micro-batch: the policy in eval mode through :func:`completion_logps`, under the same autocast as the
         update (ratio exactly 1)."""
-        with self.backend.gathered_for_generation(self.model) as plain, eval_mode(plain):
+        plain = self.backend.unwrap(self.model)       # ZeRO-3: each module gathers its own weights in forward
+        with eval_mode(plain):
             policy = self.policy_for_generation(plain)
             with self.backend.output_projection(policy) as project:
                 for b in batches:

@@ -34,11 +34,13 @@ def build_backend(ds_config: Any, dtype: str, run_dir: str):
     return get_backend(ds_config, resolved, run_dir=run_dir)
 
 
-def build_tokenizer(path: str | None):
+def build_tokenizer(path: str | None, chat_template: str | None = None, chat_template_kwargs: dict | None = None):
+    """The run's tokenizer (None without a path); ``chat_template`` / ``chat_template_kwargs`` override the
+    folder's template choice and its template variables (e.g. ``enable_thinking``)."""
     if path is None:
         return None
     from ..tokenizer import Tokenizer
-    return Tokenizer(path)
+    return Tokenizer(path, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs or None)
 
 
 def _is_hf_folder(path: str | None) -> bool:
@@ -108,7 +110,7 @@ def load_model(config: ModelConfig, weights: str | None = None) -> torch.nn.Modu
 
 
 def build_model(config: ModelConfig, backend, *, weights: str | None = None, lora: Any = None,
-                gradient_checkpointing: bool = False, seed: int | None = None) -> torch.nn.Module:
+                gradient_checkpointing: bool | int | list[int] = False, seed: int | None = None) -> torch.nn.Module:
     """A trainable model: constructed in ``backend.model_init_context()`` (partitioned under ZeRO-3), ``weights``
     loaded, LoRA adapters added (``lora``: a `LoRAConfig`), gradient checkpointing set. ``seed`` seeds the random
     initialisation, so two models built with the same seed start equal (PPO's value backbone and the policy)."""
@@ -122,9 +124,18 @@ def build_model(config: ModelConfig, backend, *, weights: str | None = None, lor
         from ..model.lora import apply_lora
         apply_lora(lora_target(model), r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                    target_modules=lora.target_modules)
-    if gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
-        model.set_gradient_checkpointing(True)
+    if gradient_checkpointing is not False and hasattr(model, "set_gradient_checkpointing"):
+        model.set_gradient_checkpointing(True, layers=checkpointed_layers(gradient_checkpointing))
     return model
+
+
+def checkpointed_layers(setting: bool | int | list[int]) -> slice | list[int] | None:
+    """The blocks ``TrainConfig.gradient_checkpointing`` selects: None (all), every k-th, or the listed ones."""
+    if setting is True:
+        return None
+    if isinstance(setting, int):
+        return slice(None, None, setting)
+    return list(setting)
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
