@@ -7,7 +7,9 @@ lists into tuples where a tuple is declared, rejects an unknown key with the clo
 of the wrong type naming the field and the declared type (``TrainConfig.batch_size: expected int, got 'x' (str)``)
 before the config's own ``__post_init__`` checks run. Callables and other non-plain objects are left out of
 ``to_dict`` (``strict=True`` raises instead); ``None`` is omitted from TOML (TOML has no null: a missing key means
-"the default").
+"the default"), except where a field's default is not None: there TOML spells None ``"none"`` (``save_interval =
+"none"``, ``ds_config = "none"``), which ``from_dict`` reads back as None for any field that may be None and is not a
+string (``to_dict(toml=True)``).
 
 Command-line overrides: :func:`parse_overrides` turns ``["optim_config.max_lr=3e-4", "report_to=[\"wandb\"]"]``
 into a nested dict (each value read as a TOML value, else kept as a string) that :func:`deep_merge` lays over a
@@ -38,20 +40,24 @@ class _Skip:
 _SKIP = _Skip()
 
 
-def _plain(value: Any, where: str, strict: bool) -> Any:
+NONE = "none"
+"""How TOML (which has no null) spells None for a field that may be None but is not a string."""
+
+
+def _plain(value: Any, where: str, strict: bool, toml: bool = False) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Path):
         return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _to_dict(value, where, strict)
+        return _to_dict(value, where, strict, toml)
     if isinstance(value, (list, tuple)):
-        out = [_plain(v, f"{where}[{i}]", strict) for i, v in enumerate(value)]
+        out = [_plain(v, f"{where}[{i}]", strict, toml) for i, v in enumerate(value)]
         if any(v is _SKIP for v in out):
             return _SKIP
         return out
     if isinstance(value, dict):
-        out = {str(k): _plain(v, f"{where}.{k}", strict) for k, v in value.items()}
+        out = {str(k): _plain(v, f"{where}.{k}", strict, toml) for k, v in value.items()}
         return {k: v for k, v in out.items() if v is not _SKIP}
     if strict:
         raise TypeError(f"{where} holds a {type(value).__name__}, which cannot be serialised to TOML/JSON; "
@@ -59,10 +65,17 @@ def _plain(value: Any, where: str, strict: bool) -> Any:
     return _SKIP
 
 
-def _to_dict(cfg: Any, where: str, strict: bool) -> dict[str, Any]:
+def _default_is_none(f: dataclasses.Field) -> bool:
+    return f.default is None or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+
+
+def _to_dict(cfg: Any, where: str, strict: bool, toml: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    hints = _hints(type(cfg)) if toml else {}
     for f in dataclasses.fields(cfg):  # non-init fields too: they tell subclasses apart (e.g. ZeRO `stage`)
-        v = _plain(getattr(cfg, f.name), f"{where}.{f.name}", strict)
+        v = _plain(getattr(cfg, f.name), f"{where}.{f.name}", strict, toml)
+        if v is None and toml and not _default_is_none(f) and _none_spellable(hints.get(f.name, Any)):
+            v = NONE              # omitted, the key would mean the (non-None) default
         if v is not _SKIP:
             out[f.name] = v
     return out
@@ -82,8 +95,14 @@ def _union_args(tp: Any) -> tuple:
     return (tp,)
 
 
+def _none_spellable(tp: Any) -> bool:
+    """A field typed ``tp`` may be None and cannot hold the string ``"none"`` itself."""
+    options = _union_args(tp)
+    return type(None) in options and not any(_type_ok(t, NONE) for t in options if t is not type(None))
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
-    if value is None:
+    if value is None or (isinstance(value, str) and value == NONE and _none_spellable(tp)):
         return None
     options = _union_args(tp)
     if isinstance(value, dict):
@@ -337,9 +356,10 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 class ConfigMixin:
     """`to_dict` / `from_dict` / `save` / `load` for the config dataclasses."""
 
-    def to_dict(self, strict: bool = False) -> dict[str, Any]:
-        """Nested plain dict. Callables/objects are left out (or raise TypeError with ``strict=True``)."""
-        return _to_dict(self, type(self).__name__, strict)
+    def to_dict(self, strict: bool = False, toml: bool = False) -> dict[str, Any]:
+        """Nested plain dict. Callables/objects are left out (or raise TypeError with ``strict=True``).
+        ``toml=True``: None in a field whose default is not None becomes ``"none"`` (TOML has no null)."""
+        return _to_dict(self, type(self).__name__, strict, toml)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -348,7 +368,7 @@ class ConfigMixin:
 
     def save(self, path: str | os.PathLike, strict: bool = False) -> None:
         path = Path(path)
-        data = self.to_dict(strict=strict)
+        data = self.to_dict(strict=strict, toml=path.suffix.lower() == ".toml")
         if path.suffix.lower() == ".toml":
             text = dict_to_toml(data)
         elif path.suffix.lower() == ".json":

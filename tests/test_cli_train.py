@@ -105,7 +105,7 @@ def test_print_config_applies_overrides_and_resolves_paths(workspace, tmp_path, 
     monkeypatch.chdir(tmp_path)
     overrides = ["optim_config.max_lr=1e-3", "grpo_config.group_size=8", "run.reward=rewards:short",
                  'file_dataset=["mine/rl"]', "grpo_config.generate_config.max_new_tokens=6", "report_to=tensorboard",
-                 'run_name="2024"', "output_dir=elsewhere"]
+                 'run_name="2024"', "output_dir=elsewhere", "save_interval=none", "ds_config=none"]
     assert main(["grpo", "--config", str(workspace / "grpo.toml"), "--print-config", *overrides]) == 0
     printed = capsys.readouterr().out
     d = tomllib.loads(printed)
@@ -119,11 +119,13 @@ def test_print_config_applies_overrides_and_resolves_paths(workspace, tmp_path, 
     assert d["output_dir"] == str(tmp_path / "elsewhere")
     assert d["tokenizer"] == str(workspace / "tokenizer")                # file paths: the file's folder
     assert "sft_config" not in d and "pretrain_config" not in d
+    assert d["save_interval"] == "none" and d["ds_config"] == "none"       # None, where the default is not None
     assert not (tmp_path / "elsewhere").exists()                         # nothing ran
     (tmp_path / "printed.toml").write_text(printed)
     again = load_method_config("grpo", tmp_path / "printed.toml")
     direct = load_method_config("grpo", workspace / "grpo.toml", overrides)
     assert (again.train_config, again.run) == (direct.train_config, direct.run)
+    assert again.train_config.save_interval is None and again.train_config.ds_config is None
 
 
 def test_yaml_config_equals_the_toml_one(workspace, tmp_path, monkeypatch):
@@ -145,6 +147,7 @@ def test_yaml_config_equals_the_toml_one(workspace, tmp_path, monkeypatch):
     ("grpo", "grpo.toml", ["grpo_config.group_size=many"], r"TrainConfig\.grpo_config\.group_size: expected int"),
     ("sft", "sft.toml", ["sft_config.mask_prompt=yes"], r"TrainConfig\.sft_config\.mask_prompt: expected bool"),
     ("sft", "sft.toml", ["optim_config=3"], r"TrainConfig\.optim_config: expected OptimConfig, got 3"),
+    ("sft", "sft.toml", ["batch_size=none"], r"TrainConfig\.batch_size: expected int, got 'none' \(str\)"),
     ("sft", "sft.toml", ["batch_size=0"], r"TrainConfig\.batch_size must be an int >= 1, got 0"),
     ("sft", "sft.toml", ['run.eval_prompt=["x"]'], r"\[run\] \(RunConfig\): unknown field 'eval_prompt'; did you "
                                                    r"mean eval_prompts"),

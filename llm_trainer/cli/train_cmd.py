@@ -71,7 +71,7 @@ class MethodRun:
 
     def to_toml(self) -> str:
         """The resolved config as TOML (loadable by the same command)."""
-        data = self.train_config.to_dict()
+        data = self.train_config.to_dict(toml=True)
         run = {k: v for k, v in self.run.to_dict().items() if v not in (None, [])}
         if run:
             data["run"] = run
