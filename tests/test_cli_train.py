@@ -230,17 +230,17 @@ def test_ddp_train_runs_a_config_file(workspace, tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ds_train_runs_the_console_script_with_a_config_file(workspace, tmp_path):
-    """``ds_train --nproc 2 $(which llm-trainer) sft --config ...``: the console script as the launched script,
-    under DeepSpeed's launcher on 2 CPU ranks."""
+    """``ds_train --nproc 2 $(which llm-trainer) dpo --config ...``: the console script as the launched script,
+    under DeepSpeed's launcher (ZeRO-3, TrainConfig's default ds_config) on 2 CPU ranks."""
     script = shutil.which("llm-trainer", path=os.path.dirname(sys.executable))
     if script is None:
         pytest.skip("the llm-trainer console script is not installed next to this interpreter")
     out = tmp_path / "ds"
     cmd = [sys.executable, "-c", "from llm_trainer.cli.launch import ds_train; ds_train()", "--nproc", "2", script,
-           "sft", "--config", str(workspace / "sft.toml"), f"output_dir={out}", "max_steps=2"]
+           "dpo", "--config", str(workspace / "dpo.toml"), f"output_dir={out}", "max_steps=2"]
     p = subprocess.run(cmd, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "running on 2 ranks (backend deepspeed" in p.stdout + p.stderr
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
-    assert load_method_config("sft", out / "config.toml").train_config.max_steps == 2
+    assert load_method_config("dpo", out / "config.toml").train_config.max_steps == 2
     assert (out / "final" / "model.safetensors").is_file()
