@@ -26,6 +26,7 @@ an optimizer) over a model built partitioned; ``output_projection`` gathers the 
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -83,6 +84,7 @@ class DeepSpeedBackend(Backend):
         if not dist.is_initialized():
             ensure_rendezvous_env(env)
             self._owns_group = True
+            atexit.register(self.close)     # a live gloo group at interpreter exit can abort the process
         deepspeed.init_distributed(dist_backend=self.dist_backend, auto_mpi_discovery=False,
                                    rank=env.rank, world_size=env.world_size, verbose=False)
         self.engine = None

@@ -59,12 +59,21 @@ def _is_vlm_folder(path: str | None) -> bool:
     return json.loads((Path(path) / "config.json").read_text()).get("model_type") == VLM_MODEL_TYPE
 
 
-def resolve_model_config(model_config: ModelConfig | None, weights: str | None, loss_config: Any = None) -> ModelConfig:
+def require_path(path: str | None, what: str) -> None:
+    """Raise ``FileNotFoundError`` naming the setting ``what`` when ``path`` is set but does not exist."""
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+
+
+def resolve_model_config(model_config: ModelConfig | None, weights: str | None, loss_config: Any = None,
+                         what: str = "TrainConfig.init_weights_path") -> ModelConfig:
     """An HF-format ``weights`` folder brings its own architecture; otherwise ``model_config``.
 
     A saved VLM folder gives its `VLMConfig`. With a `VLMConfig` and an LLM folder as ``weights``, the VLM config
     is kept and the folder initialises its language model (see :func:`load_weights`). ``loss_config``'s MoE
-    coefficients (``LossConfig.moe_aux_loss_coef`` / ``moe_z_loss_coef``) override the model's for this run."""
+    coefficients (``LossConfig.moe_aux_loss_coef`` / ``moe_z_loss_coef``) override the model's for this run.
+    ``what`` names the setting ``weights`` came from, for the error when it does not exist."""
+    require_path(weights, what)
     if _is_vlm_folder(weights):
         from ..model.vlm import VLMConfig
         config = VLMConfig.from_pretrained_dir(weights)
