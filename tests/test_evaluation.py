@@ -190,3 +190,11 @@ def test_task_data_errors_name_file_line_field(tmp_path):
     assert e.value.line == 2
     with pytest.raises(ValueError, match="extract"):
         GenerationTask("g", [{"prompt": "q", "answer": 1}], extract="nope")
+
+
+def test_tasks_are_evaluators_of_the_cli_run_table(work):
+    from llm_trainer.cli.train_cmd import build_evaluators
+    from llm_trainer.evaluation import Evaluator
+    evs = build_evaluators([{"type": "llm_trainer.evaluation:MultipleChoiceTask", "name": "arc",
+                             "data": str(work / "mc.jsonl"), "chat": True}])
+    assert isinstance(evs[0], MultipleChoiceTask) and isinstance(evs[0], Evaluator) and evs[0].chat
