@@ -157,6 +157,12 @@ class ProgressBar:
         self.t0 = time.monotonic()
         self._last_draw = -math.inf
         self._drawn = False
+        self.evaluation: dict[str, float] = {}      # the latest evaluation's metrics, shown until the next one
+
+    def remember_evaluation(self, metrics: dict[str, Any]) -> None:
+        """Keep the scalar ``eval*`` metrics of an evaluation to show on every later line."""
+        self.evaluation = {k: float(v) for k, v in metrics.items() if k.startswith("eval")
+                           and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
     def eta(self, step: int) -> float:
         done = step - self.start_step
@@ -173,10 +179,13 @@ class ProgressBar:
             parts.append(f"step {step}/{self.total}" + (f" {bar}" if bar else "") + f" {frac * 100:3.0f}%")
         else:
             parts.append(f"step {step}")
-        for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}")):
+        for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}")):
             v = metrics.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 parts.append(f"{key} " + fmt.format(v))
+        shown = {**self.evaluation, **{k: v for k, v in metrics.items() if k in self.evaluation}}
+        for key in list(shown)[:3]:                 # the latest evaluation (eval_loss, eval_reward, eval/...)
+            parts.append(f"{key} {shown[key]:.4g}")
         tps = metrics.get("tokens_per_s")
         if isinstance(tps, (int, float)) and not isinstance(tps, bool):
             parts.append(f"tok/s {format_si(float(tps))}")
@@ -261,8 +270,11 @@ class MetricsLogger:
         record["time"] = round(time.monotonic() - self.t0, 3)
         record.update({str(k): _to_python(v) for k, v in metrics.items() if v is not None})
         self._write(record)
-        if self.progress is not None and progress:
-            self.progress.update(int(step), record)
+        if self.progress is not None:
+            if progress:
+                self.progress.update(int(step), record)
+            else:                                   # an evaluation: shown on the bar's following lines
+                self.progress.remember_evaluation(record)
         return record
 
     def print(self, message: str) -> None:

@@ -42,12 +42,15 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
+import importlib.machinery
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from .config_io import deep_merge
-from .configs import (DPOConfig, GRPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig, TrainConfig,
+from .configs import (ClassifyConfig, DPOConfig, GRPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig,
+                      TrainConfig,
                       load_dict)
 
 STAGES: dict[str, tuple[str, str, type]] = {
@@ -57,6 +60,7 @@ STAGES: dict[str, tuple[str, str, type]] = {
     "reward": ("RewardTrainer", "reward_config", RewardConfig),
     "grpo": ("GRPOTrainer", "grpo_config", GRPOConfig),
     "ppo": ("PPOTrainer", "ppo_config", PPOConfig),
+    "classify": ("ClassificationTrainer", "classify_config", ClassifyConfig),
 }
 DONE_MARKER = "DONE"
 
@@ -78,13 +82,25 @@ def _check_keys(table: dict[str, Any], valid: tuple[str, ...], where: str) -> No
             raise PipelineError(f"{where}: unknown key {key!r}{hint} (valid: {', '.join(valid)})")
 
 
+def _forget_shadowed(module: str) -> str:
+    """Drop a cached top-level ``module`` when ``sys.path`` now finds another file of that name first (e.g. the
+    ``rewards.py`` beside this config file, while an earlier run imported another folder's ``rewards.py``)."""
+    cached = sys.modules.get(module)
+    if "." in module or cached is None or not getattr(cached, "__file__", None):
+        return module
+    found = importlib.machinery.PathFinder.find_spec(module)
+    if found is not None and found.origin and os.path.realpath(found.origin) != os.path.realpath(cached.__file__):
+        del sys.modules[module]
+    return module
+
+
 def import_callable(spec: str, where: str) -> Callable:
     """``"package.module:function"`` → the function (the pipeline file's folder is importable)."""
     if ":" not in spec:
         raise PipelineError(f"{where}: expected 'module:function', got {spec!r}")
     module, name = spec.split(":", 1)
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(importlib.import_module(_forget_shadowed(module)), name)
     except (ImportError, AttributeError) as e:
         raise PipelineError(f"{where}: cannot import {spec!r}: {e}") from e
     if not callable(fn):

@@ -27,7 +27,7 @@ from ..configs import TrainConfig
 from ..pipeline import STAGES, import_callable, input_paths, resolve_path, resolve_paths
 
 METHODS: dict[str, str] = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reward": "reward", "grpo": "grpo",
-                           "ppo": "ppo", "distill": "sft"}
+                           "ppo": "ppo", "classify": "classify", "distill": "sft"}
 """Command → the stage type that trains it (``distill`` is SFT with a teacher)."""
 RL_STAGES = ("grpo", "ppo")
 RESOLVED_CONFIG = "config.toml"
@@ -35,6 +35,7 @@ RESOLVED_CONFIG = "config.toml"
 _HELP = {"pretrain": "pretrain a language model on token files", "sft": "supervised fine-tuning on chat data",
          "dpo": "direct preference optimisation (and IPO, ORPO, SimPO ...)", "reward": "train a reward model",
          "grpo": "GRPO-family RL with a reward function", "ppo": "PPO with a value model and a reward function",
+         "classify": "sequence classification on labelled text (prepare_data --stage classify)",
          "distill": "SFT distilled from a teacher ([sft_config.kd_config])"}
 
 

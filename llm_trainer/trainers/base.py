@@ -331,8 +331,9 @@ class BaseTrainer(CheckpointingMixin):
                     break
             if cfg.save_interval and saved != self.global_step:
                 self.save_checkpoint()
-            if (cfg.eval_interval or self.evaluators) and evaluated != self.global_step:
-                last.update(self.evaluate())
+            if evaluated != self.global_step and (self.eval_dataset is not None or self.eval_prompts
+                                                  or self.evaluators):
+                last.update(self.evaluate())                 # eval_interval=None: only here, at the end
             final = self.export()
             callbacks("on_train_end", self, last)
             self.metrics.print(format_closing(self, last, time.monotonic() - t_start, final))
