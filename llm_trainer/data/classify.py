@@ -31,7 +31,7 @@ import numpy as np
 
 from .formats import DataError, IndexedWriter
 from .indexed import IndexedData
-from .prepare import PrepareStats, _Progress
+from .reporting import PrepareStats, Progress
 from .provenance import tokenizer_record
 from .records import BadRecord
 
@@ -143,7 +143,7 @@ def prepare_classify(tokenizer: Any, inputs: str | os.PathLike | Sequence[str | 
     given = label_names_of(labels)
     label_of = _LabelMap(given if given is not None else _found_names(files, label_field), label_field)
     stats = PrepareStats(stage="classify", output=str(output), inputs=files)
-    bar = _Progress("classify", sum(os.path.getsize(f) for f in files), progress, progress_stream)
+    bar = Progress("classify", sum(os.path.getsize(f) for f in files), progress, progress_stream)
     writer = IndexedWriter(output, "classify", tokenizer.vocab_size)
     counts: dict[int, int] = {}
 
