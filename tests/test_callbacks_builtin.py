@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import sys
 import warnings
 
@@ -158,7 +159,13 @@ def test_report_to_wandb_offline_logs_what_metrics_jsonl_has(tmp_path, monkeypat
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     _run(tmp_path, max_steps=3, report_to=["wandb"], run_name="cli-test")
-    rows = _wandb_history(tmp_path / "out")
+    # W&B's service process writes the run file asynchronously: on a loaded machine give it time to flush
+    deadline = time.monotonic() + 60
+    while True:
+        rows = _wandb_history(tmp_path / "out")
+        if sum("loss" in r for r in rows) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     train = {r["step"]: r for r in read_metrics(tmp_path / "out") if "loss" in r}
     logged = {row["_step"]: row for row in rows if "loss" in row}
     assert sorted(logged) == [1, 2, 3]
