@@ -547,9 +547,13 @@ class LoRAConfig(ConfigMixin):
     dropout: float = 0.0
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    quantize_base: str | None = None
+    """QLoRA: store the frozen base linear weights as 'nf4' or 'int8' (needs the ``quant`` extra); None = full."""
 
     def __post_init__(self) -> None:
         _int_ge(self, "r", 1)
+        if self.quantize_base is not None:
+            _one_of(self, "quantize_base", ("nf4", "int8"))
         _num_ge(self, "alpha", 0.0, strict=True)
         _prob(self, "dropout")
         if isinstance(self.target_modules, str):
