@@ -5,8 +5,6 @@ Oracles: the codes and scales equal those `transformers` stores when it loads th
 full-precision export loads in `transformers` with the logits of our quantized + LoRA model."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +17,11 @@ from llm_trainer.model.quant import (QuantLinear, QuantLoRALinear, dequantize_ba
                                      quantized_weight_nbytes)
 
 VOCAB = 97
-HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+try:
+    import bitsandbytes  # noqa: F401
+    HAS_BNB = True
+except ImportError:
+    HAS_BNB = False
 needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes (extra 'quant') is not installed")
 QUANT = [pytest.param("nf4", marks=needs_bnb), "int8"]
 

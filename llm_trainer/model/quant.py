@@ -76,7 +76,7 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, quant_type: str, shap
                                 code=bnbf.get_4bit_type("nf4", device=codes.device), dtype=dtype)
         return bnbf.dequantize_4bit(codes, state)
     # (q / 127) · absmax: the ±127 codes give back exactly ±absmax, so re-quantizing is exact
-    return ((codes.float() / 127.0) * absmax[:, None]).to(dtype)
+    return codes.float().div_(127.0).mul_(absmax[:, None]).to(dtype)
 
 
 class _DequantLinear(torch.autograd.Function):
