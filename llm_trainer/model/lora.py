@@ -8,6 +8,9 @@ and adds ``lora_A.weight`` ``[r, in]`` (Kaiming-uniform, a=√5, as nn.Linear) a
 Adapters are saved PEFT-style (``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight``
 and ``adapter_config.json`` with ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``peft_type: LORA``),
 so our module names — which follow Hugging Face Llama/Qwen — load into ``peft`` as well.
+
+QLoRA: ``apply_lora(..., quantize_base="nf4" | "int8")`` stores the frozen base weights quantized under the same
+adapters (:mod:`llm_trainer.model.quant`).
 """
 from __future__ import annotations
 

@@ -109,6 +109,8 @@ class _QuantizedWeight:
 
     def _store_quantized(self, weight: torch.Tensor, quant_type: str) -> None:
         _check_quant_type(quant_type)
+        if hasattr(weight, "ds_id"):
+            raise ValueError("cannot quantize a ZeRO-3 partitioned weight: QLoRA runs on one process or DDP")
         if weight.dim() != 2:
             raise ValueError(f"can only quantize 2-D weights, got shape {tuple(weight.shape)}")
         self.quant_type = quant_type

@@ -169,7 +169,7 @@ def bench_loss_gap(args) -> None:
     model = LlmModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     t = time.perf_counter()
-    for i, ids in enumerate(batches(pre, 128, 16, args.pretrain_steps, 0)):
+    for i, ids in enumerate(batches(pre, 128, 8, args.pretrain_steps, 0)):
         loss = lm_loss(model, ids)
         loss.backward()
         opt.step()
@@ -192,7 +192,7 @@ def bench_loss_gap(args) -> None:
             quantize_base(m, variant)
         opt = torch.optim.AdamW(lora_parameters(m), lr=1e-3, weight_decay=0.0)
         losses = []
-        for ids in batches(fine, 128, 16, args.lora_steps, 1):
+        for ids in batches(fine, 128, 8, args.lora_steps, 1):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant != "fp32"):
                 loss = lm_loss(m, ids)
             loss.backward()
@@ -201,7 +201,7 @@ def bench_loss_gap(args) -> None:
             losses.append(loss.item())
         curves[variant] = losses
     ref = curves["bf16"]
-    print(f"  LoRA r=16 on all projections, {args.lora_steps} steps, batch 16 x 128, same batches and adapter init")
+    print(f"  LoRA r=16 on all projections, {args.lora_steps} steps, batch 8 x 128, same batches and adapter init")
     for variant, losses in curves.items():
         gap = statistics.mean(abs(a - b) for a, b in zip(losses, ref))
         last = statistics.mean(losses[-10:])
@@ -216,7 +216,7 @@ def main() -> None:
     ap.add_argument("--quant", choices=["nf4", "int8"], default="nf4", help="for the memory part")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--pretrain-steps", type=int, default=200)
     ap.add_argument("--lora-steps", type=int, default=60)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
