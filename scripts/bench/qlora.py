@@ -160,7 +160,11 @@ def bench_loss_gap(args) -> None:
     src = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))
     work = tempfile.mkdtemp(prefix="bench_qlora_")
     half = len(src) // 2
-    tok = train_tokenizer(src[:40], 1024, os.path.join(work, "tok"), show_progress=False)
+    sample = os.path.join(work, "tokenizer_corpus.txt")            # train_tokenizer reads .txt / .jsonl files
+    with open(sample, "w", encoding="utf-8") as out:
+        for f in src[:40]:
+            out.write(open(f, encoding="utf-8", errors="ignore").read())
+    tok = train_tokenizer([sample], 1024, os.path.join(work, "tok"), show_progress=False)
     pre, fine = corpus_ids(tok, src[:half], 2_000_000), corpus_ids(tok, src[half:], 500_000)
     cfg = ModelConfig(vocab_size=1024, hidden_size=args.hidden, num_hidden_layers=args.layers,
                       num_attention_heads=args.hidden // 64, num_key_value_heads=max(args.hidden // 128, 1),
@@ -174,6 +178,8 @@ def bench_loss_gap(args) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad()
+        if (i + 1) % 25 == 0:
+            print(f"  pretraining step {i + 1}: loss {loss.item():.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
     print(f"\nloss gap: pretrained {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter model for "
           f"{args.pretrain_steps} steps ({time.perf_counter() - t:.0f} s), final pretraining loss {loss.item():.3f}")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -200,6 +206,7 @@ def bench_loss_gap(args) -> None:
             opt.zero_grad()
             losses.append(loss.item())
         curves[variant] = losses
+        print(f"  {variant} LoRA run done ({len(losses)} steps)", flush=True)
     ref = curves["bf16"]
     print(f"  LoRA r=16 on all projections, {args.lora_steps} steps, batch 8 x 128, same batches and adapter init")
     for variant, losses in curves.items():
@@ -216,8 +223,8 @@ def main() -> None:
     ap.add_argument("--quant", choices=["nf4", "int8"], default="nf4", help="for the memory part")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--pretrain-steps", type=int, default=200)
-    ap.add_argument("--lora-steps", type=int, default=60)
+    ap.add_argument("--pretrain-steps", type=int, default=150)
+    ap.add_argument("--lora-steps", type=int, default=40)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.only in (None, "kernels"):

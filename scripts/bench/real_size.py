@@ -18,7 +18,8 @@ loads it too (the reference run does). Each measured run is its own subprocess, 
   (same lr, weight decay 0), then ``generate`` (greedy), then ``merge_and_unload().save_pretrained``.
 
 Step time = median over the timed steps after ``--warmup`` (ours: intervals between consecutive ``train_step``
-ends; reference: one loop iteration). Peak RSS is recorded after loading, after training, after generation and
+ends; reference: one loop iteration), as wall time and as the process's CPU time (user + system, all threads;
+steadier when other jobs share the cores). Every run's raw numbers are appended to ``--dir``/results.jsonl. Peak RSS is recorded after loading, after training, after generation and
 after the export (the process peak so far, so each is ≥ the previous).
 """
 from __future__ import annotations
@@ -44,6 +45,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
+
+
+def cpu_s() -> float:
+    """User + system CPU seconds of this process (all threads): steadier than wall time on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def rows(args) -> list[list[int]]:
@@ -84,6 +91,7 @@ def run_ours(args) -> dict:
     from llm_trainer.generation import GenerateConfig, generate
     res: dict = {}
     ends: list[float] = []
+    cpu_ends: list[float] = []
     marks = {}
 
     class Timed(SFTTrainer):
@@ -92,6 +100,7 @@ def run_ours(args) -> dict:
                 marks["loaded"] = peak_rss_mb()
             out = super().train_step(window)
             ends.append(time.perf_counter())
+            cpu_ends.append(cpu_s())
             if len(ends) == args.warmup + args.steps:
                 marks["trained"] = peak_rss_mb()
             return out
@@ -120,7 +129,8 @@ def run_ours(args) -> dict:
     res["generate_s"] = time.perf_counter() - t
     marks["generated"] = peak_rss_mb()
     assert len(out.completions[0]) == args.new_tokens
-    res.update(step_s=[b - a for a, b in zip(ends, ends[1:])][max(args.warmup - 1, 0):], rss_mb=marks,
+    res.update(step_s=[b - a for a, b in zip(ends, ends[1:])][max(args.warmup - 1, 0):],
+               step_cpu_s=[b - a for a, b in zip(cpu_ends, cpu_ends[1:])][max(args.warmup - 1, 0):], rss_mb=marks,
                peak_rss_mb=peak_rss_mb(),
                threads=torch.get_num_threads())
     return res
@@ -142,9 +152,9 @@ def run_ref(args) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     marks["loaded"] = peak_rss_mb()
     data = torch.tensor(rows(args))
-    times = []
+    times, cpu_times = [], []
     for step in range(args.warmup + args.steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_s()
         ids = data[step * args.batch:(step + 1) * args.batch]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -152,6 +162,7 @@ def run_ref(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
+        cpu_times.append(cpu_s() - c)
     marks["trained"] = peak_rss_mb()
     model.eval()
     model.config.use_cache = True
@@ -166,7 +177,7 @@ def run_ref(args) -> dict:
     model.merge_and_unload().save_pretrained(os.path.join(args.dir, "ref_final"))
     res["export_s"] = time.perf_counter() - t
     marks["exported"] = peak_rss_mb()
-    res.update(step_s=times[args.warmup:], rss_mb=marks, peak_rss_mb=peak_rss_mb(), threads=torch.get_num_threads())
+    res.update(step_s=times[args.warmup:], step_cpu_s=cpu_times[args.warmup:], rss_mb=marks, peak_rss_mb=peak_rss_mb(), threads=torch.get_num_threads())
     return res
 
 
@@ -200,6 +211,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         res = (run_ours if args.child == "ours" else run_ref)(args)
+        with open(os.path.join(args.dir, "results.jsonl"), "a") as f:     # every run, for later inspection
+            f.write(json.dumps({"run": args.child, "seq": args.seq, "batch": args.batch, **res}) + "\n")
         print("RESULT " + json.dumps(res), flush=True)
         return
     os.makedirs(args.dir, exist_ok=True)
@@ -219,15 +232,18 @@ def main() -> None:
     summary = {}
     for w, rs in results.items():
         step = [statistics.median(r["step_s"]) for r in rs]
+        cpu = [statistics.median(r["step_cpu_s"]) for r in rs]
         peak = [r["peak_rss_mb"] for r in rs]
         train_peak = [r["rss_mb"]["trained"] for r in rs]
-        summary[w] = (statistics.median(step), statistics.median(peak), statistics.median(train_peak))
-        print(f"  {w:<5} step {fmt_range(step)} s   peak RSS {fmt_range(peak, '.0f')} MB   peak RSS until the end of "
+        summary[w] = (statistics.median(step), statistics.median(peak), statistics.median(train_peak),
+                      statistics.median(cpu))
+        print(f"  {w:<5} step {fmt_range(step)} s (CPU {fmt_range(cpu)} s)   peak RSS {fmt_range(peak, '.0f')} MB   peak RSS until the end of "
               f"training {fmt_range(train_peak, '.0f')} MB   generate {fmt_range([r['generate_s'] for r in rs])} s"
               f"   export {fmt_range([r['export_s'] for r in rs])} s")
     if len(summary) == 2:
-        (so, po, to), (sr, pr, tr) = summary["ours"], summary["ref"]
-        print(f"  ours/ref: step time {so / sr:.2f}x, peak RSS {po / pr:.2f}x, training peak RSS {to / tr:.2f}x")
+        (so, po, to, co), (sr, pr, tr, cr) = summary["ours"], summary["ref"]
+        print(f"  ours/ref: step time {so / sr:.2f}x (CPU time {co / cr:.2f}x), peak RSS {po / pr:.2f}x, training "
+              f"peak RSS {to / tr:.2f}x")
 
 
 if __name__ == "__main__":
