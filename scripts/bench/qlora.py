@@ -1,6 +1,6 @@
 """QLoRA on CPU: the quantization back-ends, base-weight memory and the loss gap to bf16 LoRA.
 
-    python scripts/bench/qlora.py                 # all three parts, ~10 minutes on 2 busy CPU cores
+    python scripts/bench/qlora.py                 # all three parts; the loss part takes longest (~30 min here)
     python scripts/bench/qlora.py --only kernels --repeats 5
 
 1. **kernels** — one Qwen2.5-0.5B MLP projection (896 → 4864, the largest linear shape of that model) on 256 tokens:
