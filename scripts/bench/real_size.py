@@ -3,6 +3,7 @@ GQA 14/2 heads, intermediate 4864, vocab 151,936, tied embeddings, qkv bias) —
 
     python scripts/bench/real_size.py                          # seq 256, batch 1, 4 timed steps, 2 repeats
     python scripts/bench/real_size.py --seq 512 --batch 2 --steps 3 --repeats 3
+    python scripts/bench/real_size.py --pair --steps 4          # the two models' steps alternating in one process
 
 The HF folder (bf16 safetensors, ~1 GB) is written once with our `save_pretrained` into ``--dir``; ``transformers``
 loads it too (the reference run does). Each measured run is its own subprocess, so its peak RSS
@@ -181,6 +182,54 @@ def run_ref(args) -> dict:
     return res
 
 
+def run_pair(args) -> None:
+    """Both models in one process, one training step each in turn (same rows): the model compute alone, with no
+    trainer around ours, and background load hitting both alike."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llm_trainer.model import LlmModel
+    from llm_trainer.model.lora import apply_lora, lora_parameters
+    folder = os.path.join(args.dir, "model")
+    ours = apply_lora(LlmModel.from_pretrained(folder), r=args.r, alpha=args.alpha, target_modules=TARGETS)
+    ours.set_gradient_checkpointing(True)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ref.config.use_cache = False
+    ref.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = get_peft_model(ref, LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGETS, lora_dropout=0.0,
+                                         task_type="CAUSAL_LM"))
+    opts = {"ours": torch.optim.AdamW(lora_parameters(ours), lr=1e-4, weight_decay=0.0),
+            "ref": torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)}
+
+    def loss_of(name, ids):
+        if name == "ref":
+            return ref(input_ids=ids, labels=ids).loss
+        logits = ours(ids).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    ours.train(), ref.train()
+    data = torch.tensor(rows(args))
+    wall: dict[str, list[float]] = {"ours": [], "ref": []}
+    cpu: dict[str, list[float]] = {"ours": [], "ref": []}
+    for step in range(args.warmup + args.steps):
+        ids = data[step * args.batch:(step + 1) * args.batch]
+        for name in (("ours", "ref") if step % 2 == 0 else ("ref", "ours")):
+            t, c = time.perf_counter(), cpu_s()
+            loss_of(name, ids).backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(cpu_s() - c)
+    mw, mc = {k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"pair (one process, alternating, batch {args.batch} x seq {args.seq}, {args.steps} steps each):")
+    for k in ("ours", "ref"):
+        print(f"  {k:<5} step wall {mw[k]:.2f} s [{fmt_range(wall[k])}]  CPU {mc[k]:.2f} s [{fmt_range(cpu[k])}]")
+    print(f"  ours/ref: wall {mw['ours'] / mw['ref']:.2f}x, CPU {mc['ours'] / mc['ref']:.2f}x")
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 def spawn(args, which: str) -> dict:
     cmd = [sys.executable, __file__, "--child", which] + [a for a in sys.argv[1:] if a != "--child"]
@@ -207,6 +256,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--only", choices=["ours", "ref"], default=None)
+    ap.add_argument("--pair", action="store_true", help="instead: both models' training steps in one process")
     ap.add_argument("--child", choices=["ours", "ref"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -217,6 +267,9 @@ def main() -> None:
         return
     os.makedirs(args.dir, exist_ok=True)
     build(args)
+    if args.pair:
+        run_pair(args)
+        return
     which = [args.only] if args.only else ["ours", "ref"]
     results: dict[str, list[dict]] = {w: [] for w in which}
     for rep in range(args.repeats):
