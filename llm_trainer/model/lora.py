@@ -116,7 +116,6 @@ def has_lora(model: nn.Module) -> bool:
 
 def is_router(parent: nn.Module, child_name: str) -> bool:
     """Whether ``parent.<child_name>`` is a MoE router (its weight is read directly, so it cannot be wrapped)."""
-    # the MoE router's weight is read directly (F.linear on gate.weight), so an adapter there would be ignored
     return child_name == "gate" and type(parent).__name__ == "SparseMoE"
 
 
