@@ -132,7 +132,10 @@ def build_model(config: ModelConfig, backend, *, weights: str | None = None, lor
     if lora is not None:
         from ..model.lora import apply_lora
         apply_lora(lora_target(model), r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                   target_modules=lora.target_modules)
+                   target_modules=lora.target_modules, quantize_base=lora.quantize_base)
+        if lora.trainable_token_rows_from is not None:
+            from ..model.vocab import train_new_token_rows
+            train_new_token_rows(lora_target(model), lora.trainable_token_rows_from)
     if gradient_checkpointing is not False and hasattr(model, "set_gradient_checkpointing"):
         model.set_gradient_checkpointing(True, layers=checkpointed_layers(gradient_checkpointing))
     return model
@@ -195,7 +198,7 @@ def export_model(backend, model: torch.nn.Module, path: Path, tokenizer=None, *,
     path)`` (default: an HF-format LLM/VLM folder of ``config``), and the tokenizer. Returns ``path`` (None on
     other ranks)."""
     from ..model.lora import has_lora, save_lora
-    state = backend.full_state_dict(model)
+    state = backend.full_state_dict(model, copy=False)     # read-only here: no second copy of the model
     if not backend.is_main:
         return None
     plain = backend.unwrap(model)
