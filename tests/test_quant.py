@@ -73,7 +73,7 @@ def test_codes_equal_transformers_bitsandbytes(tmp_path, quant_type):
         bnb_cfg = BitsAndBytesConfig(load_in_8bit=True)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_cfg, device_map="cpu",
                                               dtype=torch.float32)
-    ours = apply_lora(LlmModel.from_pretrained(tmp_path), r=4, alpha=8, quantize_base=quant_type)
+    ours = quantize_base(apply_lora(LlmModel.from_pretrained(tmp_path), r=4, alpha=8), quant_type)
     checked = 0
     for name, m in ours.named_modules():
         if isinstance(m, (QuantLinear, QuantLoRALinear)):
@@ -94,7 +94,7 @@ def test_codes_equal_transformers_bitsandbytes(tmp_path, quant_type):
 def test_quantized_layers_memory_and_error(quant_type):
     model = _model()
     full = {n: p.detach().clone() for n, p in model.named_parameters()}
-    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"], quantize_base=quant_type)
+    quantize_base(apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"]), quant_type)
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.q_proj, QuantLoRALinear) and isinstance(attn.o_proj, QuantLinear)
     nbytes, numel = quantized_weight_nbytes(model)
@@ -150,13 +150,13 @@ def test_qlora_trains_close_to_full_precision_lora(quant_type):
 
 @pytest.mark.parametrize("quant_type", QUANT)
 def test_state_dict_is_full_precision_and_reload_is_exact(quant_type):
-    model = apply_lora(_model(), r=4, alpha=8, quantize_base=quant_type)
+    model = quantize_base(apply_lora(_model(), r=4, alpha=8), quant_type)
     _train(model, steps=2)
     plain_keys = set(_model().state_dict())
     sd = model.state_dict()
     assert {k for k in sd if ".lora_" not in k} == plain_keys       # the nn.Linear contract: `<name>.weight`
     assert sd["model.layers.1.mlp.up_proj.weight"].dtype == torch.float32
-    fresh = apply_lora(_model(seed=5), r=4, alpha=8, quantize_base=quant_type)
+    fresh = quantize_base(apply_lora(_model(seed=5), r=4, alpha=8), quant_type)
     fresh.load_state_dict(sd)                                         # re-quantizes: same codes, exactly
     for (n, a), b in zip(model.named_modules(), fresh.modules()):
         if isinstance(a, (QuantLinear, QuantLoRALinear)):
@@ -172,7 +172,7 @@ def test_state_dict_is_full_precision_and_reload_is_exact(quant_type):
 
 @needs_bnb
 def test_dtype_cast_keeps_scales_exact():
-    model = apply_lora(_model(), r=4, alpha=8, quantize_base="nf4")
+    model = quantize_base(apply_lora(_model(), r=4, alpha=8), "nf4")
     layer = model.model.layers[0].mlp.down_proj
     scales = layer.weight_absmax.clone()
     model.to(torch.bfloat16)
@@ -187,7 +187,7 @@ def test_merged_full_precision_export_loads_in_transformers(tmp_path, tie):
 
     from llm_trainer.trainers.setup import merge_lora_state
 
-    model = apply_lora(_model(tie=tie), r=4, alpha=8, quantize_base="nf4")
+    model = quantize_base(apply_lora(_model(tie=tie), r=4, alpha=8), "nf4")
     _train(model, steps=4)
     model.eval()
     ids = _batch(9)
@@ -214,7 +214,7 @@ def test_merged_full_precision_export_loads_in_transformers(tmp_path, tie):
 
 def test_errors():
     with pytest.raises(ValueError, match="quantize_base"):
-        apply_lora(_model(), quantize_base="fp4")
+        quantize_base(apply_lora(_model()), "fp4")
     with pytest.raises(ValueError, match="LoRAConfig.quantize_base"):
         LoRAConfig(quantize_base="int4")
     assert LoRAConfig(quantize_base="nf4").quantize_base == "nf4"

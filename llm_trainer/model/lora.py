@@ -9,8 +9,8 @@ Adapters are saved PEFT-style (``adapter_model.safetensors`` with keys ``base_mo
 and ``adapter_config.json`` with ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``peft_type: LORA``),
 so our module names — which follow Hugging Face Llama/Qwen — load into ``peft`` as well.
 
-QLoRA: ``apply_lora(..., quantize_base="nf4" | "int8")`` stores the frozen base weights quantized under the same
-adapters (:mod:`llm_trainer.model.quant`).
+QLoRA: ``quantize_base(apply_lora(model, ...), "nf4" | "int8")`` stores the frozen base weights quantized under
+the same adapters (:mod:`llm_trainer.model.quant`).
 """
 from __future__ import annotations
 
@@ -126,14 +126,13 @@ def _matches(name: str, targets: str | Sequence[str]) -> bool:
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               target_modules: str | Sequence[str] | None = None, quantize_base: str | None = None) -> nn.Module:
+               target_modules: str | Sequence[str] | None = None) -> nn.Module:
     """Wrap the targeted linear layers of ``model`` in place and freeze every other parameter. Returns ``model``.
 
     ``target_modules``: a list of module-name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``),
     a regex string matched against full module names, or ``"all-linear"`` (every ``nn.Linear`` except ``lm_head``
     and MoE routers). Default: the attention and MLP projections. A target that matches nothing is an error.
-    ``quantize_base``: ``"nf4"`` or ``"int8"`` stores every frozen linear weight quantized (QLoRA, see
-    :func:`llm_trainer.model.quant.quantize_base`; needs the ``quant`` extra); None keeps full precision.
+    For QLoRA, :func:`llm_trainer.model.quant.quantize_base` then stores the frozen base weights quantized.
     """
     if not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
@@ -143,10 +142,6 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     if has_lora(model):
         raise ValueError("model already has LoRA adapters; call remove_lora() first")
-    if quantize_base is not None:
-        from .quant import QUANT_TYPES
-        if quantize_base not in QUANT_TYPES:
-            raise ValueError(f"quantize_base must be one of {QUANT_TYPES} or None, got {quantize_base!r}")
     targets = DEFAULT_TARGET_MODULES if target_modules is None else target_modules
     if not isinstance(targets, str):
         targets = tuple(targets)
@@ -183,9 +178,6 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         setattr(parent, child_name, LoRALinear(getattr(parent, child_name), r, alpha, dropout))
     model._lora_config = {"r": r, "lora_alpha": float(alpha), "lora_dropout": float(dropout),
                           "target_modules": targets if isinstance(targets, str) else list(targets)}
-    if quantize_base is not None:
-        from .quant import quantize_base as quantize
-        quantize(model, quantize_base)
     return model
 
 

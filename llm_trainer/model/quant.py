@@ -51,7 +51,7 @@ def require_bitsandbytes():
 
 def _check_quant_type(quant_type: str) -> None:
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        raise ValueError(f"quantize_base: the quantization type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
 def _quantize(w: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,7 +132,10 @@ def build_model(config: ModelConfig, backend, *, weights: str | None = None, lor
     if lora is not None:
         from ..model.lora import apply_lora
         apply_lora(lora_target(model), r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                   target_modules=lora.target_modules, quantize_base=lora.quantize_base)
+                   target_modules=lora.target_modules)
+        if lora.quantize_base is not None:
+            from ..model.quant import quantize_base
+            quantize_base(lora_target(model), lora.quantize_base)
         if lora.trainable_token_rows_from is not None:
             from ..model.vocab import train_new_token_rows
             train_new_token_rows(lora_target(model), lora.trainable_token_rows_from)

@@ -9,7 +9,7 @@
    relative to bf16. Candidates: bitsandbytes NF4 (``dequantize_4bit`` + matmul, what `llm_trainer.model.quant`
    does; ``bnb.matmul_4bit``), torchao NF4 (``linear_nf4``), bitsandbytes int8 (``Linear8bitLt``), our int8
    (plain torch dequantize + matmul). A candidate whose package is missing is reported as such.
-2. **memory** — ``apply_lora(quantize_base=...)`` on a 24-layer Qwen2.5-0.5B-shaped model (random weights, the real
+2. **memory** — ``quantize_base(apply_lora(...))`` on a 24-layer Qwen2.5-0.5B-shaped model (random weights, the real
    config): bytes of the quantized base linear weights vs the same weights in bf16, and the process RSS after
    quantizing (the fp32 model is built first, one layer at a time is then replaced).
 3. **loss gap** — a small Qwen2-style model (hidden ``--hidden``, ``--layers`` layers) is first pretrained on
@@ -107,7 +107,7 @@ def bench_kernels(args) -> None:
 def bench_memory(args) -> None:
     from llm_trainer.model import LlmModel, ModelConfig
     from llm_trainer.model.lora import apply_lora
-    from llm_trainer.model.quant import quantized_weight_nbytes
+    from llm_trainer.model.quant import quantize_base, quantized_weight_nbytes
     sys.path.insert(0, os.path.dirname(__file__))
     from real_size import QWEN25_05B
     torch.manual_seed(0)
@@ -117,7 +117,7 @@ def bench_memory(args) -> None:
     model.init_weights()
     rss_full = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
-    apply_lora(model, r=16, alpha=32, quantize_base=args.quant)
+    quantize_base(apply_lora(model, r=16, alpha=32), args.quant)
     dt = time.perf_counter() - t
     nbytes, numel = quantized_weight_nbytes(model)
     import gc
