@@ -4,7 +4,6 @@ tools run with time/output limits, the tool environment's error turns, appended 
 episode runner (token-in/token-out trajectories, loss masks, limits, batches mixing turns, failures named)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time

@@ -5,7 +5,6 @@ gap is small but not zero (the floor this mode removes)."""
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest

@@ -135,20 +135,6 @@ def test_non_contiguous_and_shared_views(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ full disk
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 4 MiB tmpfs (needs root, as in CI); skipped elsewhere."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
-
-
 def test_full_disk_keeps_the_last_checkpoint_and_says_what_is_needed(small_disk):
     out = small_disk / "run"
     ck.save_checkpoint(out, 1, writer({"w": torch.ones(256 * 1024)}))     # 1 MiB

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import warnings
 
 import pytest
@@ -83,19 +82,7 @@ def test_a_missing_rng_file_warns_that_the_resume_is_not_exact(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ item 8
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
-
-
+@pytest.mark.parametrize("small_disk", ["2m"], indirect=True)
 def test_a_full_disk_during_a_save_keeps_the_run_resumable(tmp_path, small_disk):
     data = write_pretrain_tokens(tmp_path / "tokens.npy")
     out = small_disk / "out"
@@ -222,3 +209,21 @@ def test_loss_config_moe_coefficients_reach_the_model(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Trainer(train_config=_pretrain(tmp_path / "plain", max_steps=1))  # no override: no warning either
+
+
+def test_gradient_checkpointing_selects_blocks(tmp_path):
+    for setting, want in ((True, {0, 1, 2, 3}), (2, {0, 2}), ([-1], {3}), (False, set())):
+        tr = Trainer(train_config=_pretrain(tmp_path / str(setting), max_steps=1, gradient_checkpointing=setting,
+                                            model_config=tiny_model_config(num_hidden_layers=4)))
+        assert tr.backend.unwrap(tr.model)._checkpointed == want, setting
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        _pretrain(tmp_path / "bad", gradient_checkpointing="yes")
+
+
+def test_a_missing_weights_path_names_the_setting(tmp_path):
+    from llm_trainer.configs import KDConfig, PretrainConfig
+    with pytest.raises(FileNotFoundError, match=r"KDConfig.teacher_model_path: .*nowhere does not exist"):
+        Trainer(train_config=_pretrain(tmp_path / "kd", pretrain_config=PretrainConfig(
+            kd_config=KDConfig(teacher_model_path=str(tmp_path / "nowhere")))))
+    with pytest.raises(FileNotFoundError, match=r"TrainConfig.init_weights_path: .*nowhere does not exist"):
+        Trainer(train_config=_pretrain(tmp_path / "init", init_weights_path=str(tmp_path / "nowhere")))

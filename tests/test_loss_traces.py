@@ -22,7 +22,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from rl_helpers import copy_items, copy_reward, grpo_train_config, ppo_train_config  # noqa: E402
+from rl_helpers import copy_reward, grpo_train_config, ppo_train_config  # noqa: E402
 from trainer_utils import tiny_model_config, train_config, write_pretrain_tokens, write_sft  # noqa: E402
 
 TRACE_FILE = HERE / "data" / "loss_traces.json"

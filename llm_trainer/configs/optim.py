@@ -7,6 +7,7 @@ from ..config_io import ConfigMixin
 from ..validation import check, int_ge, is_int, is_num, num_ge, one_of, prob
 
 OPTIM_TYPES = ("adam", "adamw", "lion")
+OPTIM_STATE_DTYPES = ("fp32", "bf16")
 _SCHEDULE_FIELDS = ("max_lr", "min_lr", "warmup_iters", "warmup_ratio", "cosine_annealing_period")
 
 
@@ -73,10 +74,13 @@ class OptimConfig(ConfigMixin):
     """0: one cycle then min_lr; 1: equal restarts; > 1: each cycle `mul` times longer (SGDR)."""
     auto_optimize_optimizer: bool = True
     """Use fused/foreach optimizer kernels where supported (CUDA)."""
+    state_dtype: str = "fp32"
+    """Dtype of the optimizer's moment buffers: 'fp32' or 'bf16' (halves Adam/Lion state; updates still fp32)."""
 
     def __post_init__(self) -> None:
         n = "OptimConfig"
         one_of(self, "optim_type", OPTIM_TYPES)
+        one_of(self, "state_dtype", OPTIM_STATE_DTYPES)
         schedule = [f for f in _SCHEDULE_FIELDS if getattr(self, f) is not None]
         if self.enable_lr_scheduler is None:
             self.enable_lr_scheduler = bool(schedule)
@@ -173,9 +177,17 @@ class LoRAConfig(ConfigMixin):
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Suffixes of the linear layers that get adapters."""
+    quantize_base: str | None = None
+    """QLoRA: store the frozen base linear weights as 'nf4' or 'int8' (needs the ``quant`` extra); None = full."""
+    trainable_token_rows_from: int | None = None
+    """Vocabulary extension: also train the embedding (and untied head) rows from this token id on, next to the
+    adapters (the new tokens' rows; the old rows stay frozen). None → off."""
 
     def __post_init__(self) -> None:
         int_ge(self, "r", 1)
+        if self.quantize_base is not None:
+            one_of(self, "quantize_base", ("nf4", "int8"))
+        int_ge(self, "trainable_token_rows_from", 0, allow_none=True)
         num_ge(self, "alpha", 0.0, strict=True)
         prob(self, "dropout")
         if isinstance(self.target_modules, str):

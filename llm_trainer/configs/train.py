@@ -12,11 +12,12 @@ from ..parallel.ds_config import DsConfig
 from ..validation import check, int_ge, is_int, num_ge, one_of
 from .optim import DataLoaderConfig, LoRAConfig, LossConfig, OptimConfig
 from .rl import GRPOConfig, PPOConfig
-from .stages import DPOConfig, PretrainConfig, RewardConfig, SFTConfig
+from .stages import ClassifyConfig, DPOConfig, PretrainConfig, RewardConfig, SFTConfig
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("tensorboard", "wandb")
-STAGE_SLOTS = ("pretrain_config", "sft_config", "dpo_config", "reward_config", "grpo_config", "ppo_config")
+STAGE_SLOTS = ("pretrain_config", "sft_config", "dpo_config", "reward_config", "grpo_config", "ppo_config",
+               "classify_config")
 
 
 @dataclass(kw_only=True)
@@ -61,8 +62,9 @@ class TrainConfig(ConfigMixin):
     """Log metrics every N optimizer steps."""
     eval_batches: int | None = None
     """Batches of eval_file_dataset per evaluation (None → all)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: bool | int | list[int] = False
+    """Recompute activations in the backward pass to save memory: True (every block), an int k (every k-th block)
+    or a list of block indices (negative count from the end)."""
     pretrain_config: PretrainConfig | None = None
     """Settings of Trainer (pretraining)."""
     sft_config: SFTConfig | None = None
@@ -75,6 +77,8 @@ class TrainConfig(ConfigMixin):
     """Settings of GRPOTrainer."""
     reward_config: RewardConfig | None = None
     """Settings of RewardTrainer."""
+    classify_config: ClassifyConfig | None = None
+    """Settings of ClassificationTrainer."""
     loss_config: LossConfig = field(default_factory=LossConfig)
     """Loss options shared by the LM trainers."""
     lora: LoRAConfig | None = None
@@ -122,7 +126,7 @@ class TrainConfig(ConfigMixin):
                           ("optim_config", OptimConfig), ("ds_config", DsConfig), ("eval_config", GenerateConfig),
                           ("pretrain_config", PretrainConfig), ("sft_config", SFTConfig), ("dpo_config", DPOConfig),
                           ("ppo_config", PPOConfig), ("grpo_config", GRPOConfig), ("reward_config", RewardConfig),
-                          ("loss_config", LossConfig), ("lora", LoRAConfig)):
+                          ("classify_config", ClassifyConfig), ("loss_config", LossConfig), ("lora", LoRAConfig)):
             coerce_field(self, name, cls)
         int_ge(self, "n_epochs", 1)
         int_ge(self, "batch_size", 1)
@@ -134,6 +138,12 @@ class TrainConfig(ConfigMixin):
                   f"{n}.{slot}.gradient_accumulation_steps", alias,
                   f"conflicts with TrainConfig.gradient_accumulation_steps={self.gradient_accumulation_steps} "
                   f"(set it in one place: TrainConfig)")
+        gc = self.gradient_checkpointing
+        check(isinstance(gc, bool) or (is_int(gc) and gc >= 1) or
+              (isinstance(gc, (list, tuple)) and all(is_int(i) for i in gc)), f"{n}.gradient_checkpointing", gc,
+              "must be a bool, an int k >= 1 (every k-th block) or a list of block indices")
+        if isinstance(gc, tuple):
+            self.gradient_checkpointing = list(gc)
         int_ge(self, "dataset_block_size", 2, allow_none=True)
         max_pos = getattr(self.model_config, "max_position_embeddings", None)
         if self.dataset_block_size is not None and is_int(max_pos):
@@ -188,5 +198,6 @@ class TrainConfig(ConfigMixin):
 
 
 _SLOT_CLASSES = {"pretrain_config": PretrainConfig, "sft_config": SFTConfig, "dpo_config": DPOConfig,
-                 "reward_config": RewardConfig, "grpo_config": GRPOConfig, "ppo_config": PPOConfig}
+                 "reward_config": RewardConfig, "grpo_config": GRPOConfig, "ppo_config": PPOConfig,
+                 "classify_config": ClassifyConfig}
 

@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from ..generation import GenerateConfig, _choose, _lm_head, _PrepackedLinears, process_logits
+from .. import cpu_prepack
+from ..generation import GenerateConfig, choose_tokens, lm_head_logits, process_logits
 from ..model.cache import KVCache
 from ..model.layers import rope_cos_sin
 from .loading import Prompt, ServedModel
@@ -94,7 +95,7 @@ class BatchEngine:
         self.max_batch, self.max_waiting, self.batch_wait_s = max_batch, max_waiting, batch_wait_s
         self.prepack = prepack
         self.device = served.device
-        self.head = functools.partial(_lm_head, self.model)
+        self.head = functools.partial(lm_head_logits, self.model)
         mc = self.llm.config
         self.vocab_size = mc.vocab_size
         image_id = getattr(served.model.config, "image_token_id", None) if served.kind == "vlm" else None
@@ -145,7 +146,7 @@ class BatchEngine:
 
     # ------------------------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
-        with torch.inference_mode(), _PrepackedLinears(self.model, self.max_batch, self.prepack):
+        with torch.inference_mode(), cpu_prepack.PrepackedLinears(self.model, self.max_batch, self.prepack):
             while True:
                 admit = self._next_admissions()
                 if admit is None:
@@ -329,7 +330,7 @@ class BatchEngine:
         for i, s in enumerate(rows):
             if not s.plain_greedy:
                 row = process_logits(logits[i:i + 1], s.config, s.seen, s.suppress)
-                out[i] = _choose(row, s.config, s.generator, False)[0][0]
+                out[i] = choose_tokens(row, s.config, s.generator, False)[0][0]
         return out
 
     def _record(self, rows: list[Sequence], tokens: torch.Tensor) -> None:

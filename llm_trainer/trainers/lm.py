@@ -31,7 +31,7 @@ class LanguageModelingTrainer(BaseTrainer):
         kd.check_teacher()
         if kd.teacher_model_path is not None:
             path = kd.teacher_model_path
-            config = resolve_model_config(None, path)
+            config = resolve_model_config(None, path, what="KDConfig.teacher_model_path")
             self.teacher = self.backend.frozen_replica(build=lambda: load_model(config, path))
 
     def teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -40,6 +40,22 @@ class LanguageModelingTrainer(BaseTrainer):
             if self.teacher is not None:
                 return self.teacher(**model_inputs(batch)).logits
             return kd.teacher_logits_provider(batch["input_ids"], batch.get("attention_mask"))
+
+    def _chunked_kd(self, hidden, project, labels, batch, chunk: int, weights):
+        """CE and KD chunk by chunk; a teacher model is projected chunk by chunk too (no full logits on either
+        side), a ``teacher_logits_provider``'s logits are gathered per chunk."""
+        kd = self.stage_config.kd_config
+        kw = dict(kind=kd.kind, beta=kd.jsd_beta, temperature=kd.temperature, chunk_size=chunk,
+                  token_weights=weights)
+        if self.teacher is None:
+            ce, kd_sum, _ = chunked_lm_kd_loss(hidden, project, labels, teacher_logits=self.teacher_logits(batch), **kw)
+            return ce, kd_sum
+        with torch.no_grad():
+            t_hidden = self.teacher(**model_inputs(batch), return_hidden_states=True).hidden_states
+        with self.backend.output_projection(self.teacher) as t_project:
+            ce, kd_sum, _ = chunked_lm_kd_loss(hidden, project, labels, teacher_hidden=t_hidden,
+                                               teacher_lm_head_weight=t_project, **kw)
+        return ce, kd_sum
 
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
         sc = self.stage_config
@@ -56,9 +72,7 @@ class LanguageModelingTrainer(BaseTrainer):
                 if kd is None:
                     ce_sum, _ = chunked_lm_loss(out.hidden_states, project, labels, chunk, token_weights=weights)
                 else:
-                    ce_sum, kd_sum, _ = chunked_lm_kd_loss(
-                        out.hidden_states, project, labels, teacher_logits=self.teacher_logits(batch), kind=kd.kind,
-                        beta=kd.jsd_beta, temperature=kd.temperature, chunk_size=chunk, token_weights=weights)
+                    ce_sum, kd_sum = self._chunked_kd(out.hidden_states, project, labels, batch, chunk, weights)
         else:
             ce_sum, _ = lm_loss(out.logits, labels, token_weights=weights)
             if kd is not None:
