@@ -89,10 +89,24 @@ class _PrecisionMixin:
 
     MOMENTS: tuple[str, ...] = ()
 
-    def _check_state_dtype(self, state_dtype: torch.dtype) -> None:
+    def _check_arguments(self, lr: float, betas: tuple[float, float], weight_decay: float,
+                         state_dtype: torch.dtype) -> None:
+        name = type(self).__name__
+        if not lr >= 0.0:
+            raise ValueError(f"{name}: lr must be >= 0, got {lr!r}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"{name}: betas must be in [0, 1), got {betas!r}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay!r}")
         if state_dtype not in STATE_DTYPES.values():
-            raise ValueError(f"{type(self).__name__}: state_dtype must be one of {list(STATE_DTYPES.values())}, "
-                             f"got {state_dtype!r}")
+            raise ValueError(f"{name}: state_dtype must be one of {list(STATE_DTYPES.values())}, got {state_dtype!r}")
+
+    @staticmethod
+    def _run_closure(closure) -> torch.Tensor | None:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     def _zeros(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         return torch.zeros(p.shape, dtype=group["state_dtype"], device=p.device)
@@ -140,22 +154,15 @@ class AdamW(_PrecisionMixin, torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, state_dtype: torch.dtype = torch.float32):
-        if not lr >= 0.0:
-            raise ValueError(f"AdamW: lr must be >= 0, got {lr!r}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"AdamW: betas must be in [0, 1), got {betas!r}")
-        if not eps > 0.0 or not weight_decay >= 0.0:
-            raise ValueError(f"AdamW: eps must be > 0 and weight_decay >= 0, got {eps!r}, {weight_decay!r}")
-        self._check_state_dtype(state_dtype)
+        if not eps > 0.0:
+            raise ValueError(f"AdamW: eps must be > 0, got {eps!r}")
+        self._check_arguments(lr, betas, weight_decay, state_dtype)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       state_dtype=state_dtype))
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -200,22 +207,13 @@ class Lion(_PrecisionMixin, torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, maximize: bool = False, state_dtype: torch.dtype = torch.float32):
-        if not lr >= 0.0:
-            raise ValueError(f"Lion: lr must be >= 0, got {lr!r}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"Lion: betas must be in [0, 1), got {betas!r}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Lion: weight_decay must be >= 0, got {weight_decay!r}")
-        self._check_state_dtype(state_dtype)
+        self._check_arguments(lr, betas, weight_decay, state_dtype)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize,
                                       state_dtype=state_dtype))
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
             for p in group["params"]:

@@ -25,11 +25,9 @@ Events go to each sequence's queue as ``(index, "token", id)``, then ``(index, "
 """
 from __future__ import annotations
 
-import collections
 import functools
 import queue
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from ..generation import GenerateConfig, choose_tokens, lm_head_logits, process_
 from ..model.cache import KVCache
 from ..model.layers import rope_cos_sin
 from .loading import Prompt, ServedModel
+from .worker import QueueWorker
 
 __all__ = ["Sequence", "BatchEngine", "Overloaded"]
 
@@ -75,7 +74,7 @@ class Sequence:
         self.cancelled = True
 
 
-class BatchEngine:
+class BatchEngine(QueueWorker):
     """Owns ``served.model`` on a background thread (``start()`` / ``close()``); ``submit(seqs)`` queues sequences,
     ``cancel(seq)`` makes one leave at the next step. ``max_batch``: sequences decoded together at most;
     ``max_waiting``: queued sequences beyond which ``submit`` raises :class:`Overloaded`; ``batch_wait_s``: when
@@ -90,6 +89,7 @@ class BatchEngine:
         if max_batch < 1 or max_waiting < 1 or batch_wait_s < 0:
             raise ValueError(f"need max_batch >= 1, max_waiting >= 1, batch_wait_s >= 0; got {max_batch}, "
                              f"{max_waiting}, {batch_wait_s}")
+        super().__init__()
         self.served, self.model = served, served.model
         self.llm = served.model.llm if served.kind == "vlm" else served.model
         self.max_batch, self.max_waiting, self.batch_wait_s = max_batch, max_waiting, batch_wait_s
@@ -104,30 +104,17 @@ class BatchEngine:
         self.pad = mc.pad_token_id if mc.pad_token_id is not None else 0
         self.dynamic_rope = mc.rope_scaling is not None and mc.rope_scaling.rope_type == "dynamic"
         self.rope_dtype = self.llm.get_input_embeddings().weight.dtype
-        self._cond = threading.Condition()
-        self._waiting: collections.deque = collections.deque()
-        self._closing = False
-        self._thread: threading.Thread | None = None
         self._reset_batch()
         self.stats = {"running": 0, "waiting": 0, "completed": 0, "cancelled": 0, "failed": 0,
                       "generated_tokens": 0, "prefill_tokens": 0, "decode_steps": 0, "peak_batch": 0}
 
-    # ------------------------------------------------------------------------------------------- public
-    def start(self) -> "BatchEngine":
-        self._thread = threading.Thread(target=self._loop, name="llm-trainer-engine", daemon=True)
-        self._thread.start()
-        return self
+    thread_name = "llm-trainer-engine"
 
-    def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-        self._fail(list(self._waiting) + self.rows, "the server is shutting down")
-        self._waiting.clear()
+    def _abandon(self, waiting: list, reason: str) -> None:
+        self._fail(waiting + self.rows, reason)
         self._reset_batch()
 
+    # ------------------------------------------------------------------------------------------- public
     def submit(self, seqs: list[Sequence]) -> None:
         with self._cond:
             if self._closing:

@@ -7,9 +7,7 @@ summation order).
 """
 from __future__ import annotations
 
-import collections
 import sys
-import threading
 import time
 import traceback
 from concurrent.futures import Future
@@ -17,11 +15,12 @@ from concurrent.futures import Future
 import torch
 
 from .loading import ServedModel
+from .worker import QueueWorker
 
 __all__ = ["RewardBatcher"]
 
 
-class RewardBatcher:
+class RewardBatcher(QueueWorker):
     """``score(seqs) -> list[float]`` from any thread; ``start()`` / ``close()`` the scoring thread.
     ``batch_wait_s``: when idle, wait this long after the first arrival so that requests arriving together are
     scored together."""
@@ -29,27 +28,15 @@ class RewardBatcher:
     def __init__(self, served: ServedModel, max_batch: int = 16, batch_wait_s: float = 0.0):
         if served.kind != "reward":
             raise ValueError(f"RewardBatcher scores with a reward model; {served.name} is a {served.kind} model")
+        super().__init__()
         self.served, self.max_batch, self.batch_wait_s = served, max_batch, batch_wait_s
-        self._cond = threading.Condition()
-        self._waiting: collections.deque = collections.deque()
-        self._closing = False
-        self._thread: threading.Thread | None = None
         self.stats = {"scored": 0, "batches": 0, "peak_batch": 0, "failed": 0}
 
-    def start(self) -> "RewardBatcher":
-        self._thread = threading.Thread(target=self._loop, name="llm-trainer-rewards", daemon=True)
-        self._thread.start()
-        return self
+    thread_name = "llm-trainer-rewards"
 
-    def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-        for _, fut in self._waiting:
-            fut.set_exception(RuntimeError("the server is shutting down"))
-        self._waiting.clear()
+    def _abandon(self, waiting: list, reason: str) -> None:
+        for _, fut in waiting:
+            fut.set_exception(RuntimeError(reason))
 
     def score(self, seqs: list[list[int]]) -> list[float]:
         fut: Future = Future()
