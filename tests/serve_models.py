@@ -1,5 +1,5 @@
 """Tiny model folders for the serving tests (`test_serve*.py`, `test_chat_cli.py`): a byte-level BPE tokenizer
-trained here, and random `LlmModel` / `VlmModel` / `RewardModel` folders saved next to it."""
+trained here, and random `LlmModel` / `VlmModel` / `RewardModel` / `SequenceClassifier` folders saved next to it."""
 from __future__ import annotations
 
 import json
@@ -71,6 +71,19 @@ def make_reward_folder(out: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         model.score_head.bias.fill_(0.25)
     model.save_pretrained(out)
+    tok.save(out)
+    return out
+
+
+def make_classifier_folder(out: Path, seed: int = 0) -> Path:
+    """A 3-class ``Qwen2ForSequenceClassification``-style folder with named labels."""
+    from llm_trainer.model.heads import SequenceClassifier
+
+    tok = make_tokenizer(out)
+    torch.manual_seed(seed)
+    model = SequenceClassifier(llm_config(tok.vocab_size, architecture="qwen2", attention_bias=True), 3,
+                               ["negative", "neutral", "positive"], head_init_std=1.0)
+    model.save_pretrained(out, pad_token_id=tok.pad_token_id)
     tok.save(out)
     return out
 

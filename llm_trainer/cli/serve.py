@@ -1,4 +1,4 @@
-"""``llm-trainer serve MODEL_DIR``: an OpenAI-compatible HTTP server for a language model, VLM or reward model
+"""``llm-trainer serve MODEL_DIR``: an OpenAI-compatible HTTP server for a language model, VLM, reward model or classifier
 folder (``docs/serve.md``). The first line printed is ``... on http://HOST:PORT ...`` (with ``--port 0`` the
 system picks a free port)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``serve`` and ``chat``: where the model and tokenizer are, and how to load them."""
-    p.add_argument("model_dir", help="a saved model folder: LlmModel, VlmModel or RewardModel (with tokenizer.json)")
+    p.add_argument("model_dir", help="a saved model folder: LlmModel, VlmModel, RewardModel or classifier (with tokenizer.json)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model folder)")
     p.add_argument("--chat-template", default=None, help="override the tokenizer's chat template (chatml, llama3, "
                                                          "plain)")

@@ -20,9 +20,9 @@ class ChatSession:
 
     def __init__(self, served: ServedModel, config: GenerateConfig, system: str | None = None,
                  seed: int | None = None):
-        if served.kind == "reward":
-            raise ValueError(f"{served.name} is a reward model; it scores text but does not chat (serve it and use "
-                             "/v1/rewards)")
+        if served.scores_text:
+            raise ValueError(f"{served.name} is a {served.kind} model; it scores text but does not chat (serve it "
+                             "and use /v1/rewards)")
         self.served, self.config, self.system = served, config, system
         self.generator = None
         if seed is not None:

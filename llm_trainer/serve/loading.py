@@ -1,8 +1,10 @@
-"""Open a model folder for serving: a language model (`LlmModel`), a vision-language model (`VlmModel`) or a reward
-model (`RewardModel`), with its tokenizer, and turn conversations into prompt ids (and pixel values for images).
+"""Open a model folder for serving: a language model (`LlmModel`), a vision-language model (`VlmModel`), a reward
+model (`RewardModel`) or a sequence classifier (`SequenceClassifier`), with its tokenizer, and turn conversations into
+prompt ids (and pixel values for images).
 
-Folder kinds: ``reward_head.safetensors`` present → reward model; ``config.json`` with ``model_type ==
-"llm_trainer_vlm"`` → VLM; otherwise an HF-format Llama/Qwen folder → language model. The tokenizer is the folder's
+Folder kinds: ``reward_head.safetensors`` present → reward model; ``config.json`` whose ``architectures`` end in
+``ForSequenceClassification`` → classifier; ``model_type == "llm_trainer_vlm"`` → VLM; otherwise an HF-format
+Llama/Qwen folder → language model. The tokenizer is the folder's
 ``tokenizer.json`` unless another path is given.
 """
 from __future__ import annotations
@@ -31,7 +33,8 @@ def reward_module():
 
 
 def folder_kind(path: str | os.PathLike) -> str:
-    """``'reward'``, ``'vlm'`` or ``'llm'`` (see the module docstring); raises naming the folder if it is none."""
+    """``'reward'``, ``'classifier'``, ``'vlm'`` or ``'llm'`` (see the module docstring); raises naming the folder
+    if it is none."""
     p = Path(path)
     cfg = p / "config.json"
     if not p.is_dir():
@@ -40,6 +43,10 @@ def folder_kind(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"{p} is not a model folder: no config.json")
     if (p / reward_module().HEAD_FILE).is_file():
         return "reward"
+    from ..model.heads import is_classifier_folder
+
+    if is_classifier_folder(p):
+        return "classifier"
     try:
         model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
@@ -63,7 +70,7 @@ class Prompt:
 
 @dataclass
 class ServedModel:
-    """A loaded folder: ``kind`` (``llm``/``vlm``/``reward``), the model in eval mode, its tokenizer, the name
+    """A loaded folder: ``kind`` (``llm``/``vlm``/``reward``/``classifier``), the model in eval mode, its tokenizer, the name
     clients use, and ``max_model_len`` (prompt + completion tokens one sequence may hold)."""
 
     kind: str
@@ -73,6 +80,11 @@ class ServedModel:
     max_model_len: int
     path: str = ""
     pixels: Callable | None = field(default=None, repr=False)
+
+    @property
+    def scores_text(self) -> bool:
+        """A reward model or classifier: served on ``/v1/rewards``, never generates."""
+        return self.kind in ("reward", "classifier")
 
     @property
     def device(self) -> torch.device:
@@ -144,7 +156,7 @@ def decode_data_url(url: str):
 def load_served_model(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, device: str = "cpu",
                       dtype: torch.dtype | None = None, max_model_len: int | None = None,
                       name: str | None = None, chat_template: str | None = None) -> ServedModel:
-    """Load a model folder (any of the three kinds) and its tokenizer for serving or chatting."""
+    """Load a model folder (any of the four kinds) and its tokenizer for serving or chatting."""
     from ..tokenizer import Tokenizer
 
     kind = folder_kind(path)
@@ -155,6 +167,10 @@ def load_served_model(path: str | os.PathLike, tokenizer: str | os.PathLike | No
     pixels = None
     if kind == "reward":
         model = reward_module().RewardModel.from_pretrained(path, dtype=dtype)
+    elif kind == "classifier":
+        from ..model.heads import SequenceClassifier
+
+        model = SequenceClassifier.from_pretrained(path, dtype=dtype)
     elif kind == "vlm":
         from ..images import DefaultPixelValuesProvider
         from ..model.vlm import VlmModel

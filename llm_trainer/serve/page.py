@@ -125,6 +125,6 @@ $("reset").addEventListener("click", () => { if (state.controller) state.control
 
 
 def chat_page(model: str, kind: str) -> bytes:
-    """The page for a server of ``model`` (its name) of ``kind`` (``llm``/``vlm``/``reward``)."""
+    """The page for a server of ``model`` (its name) of ``kind`` (``llm``/``vlm``/``reward``/``classifier``)."""
     config = json.dumps({"model": model, "kind": kind}).replace("<", "\\u003c")
     return _PAGE.replace("__CONFIG__", config).encode("utf-8")

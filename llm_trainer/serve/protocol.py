@@ -23,7 +23,7 @@ from ..generation import GenerateConfig
 from .loading import Prompt, ServedModel, decode_data_url
 
 __all__ = ["APIError", "GenerationRequest", "parse_chat_request", "parse_completion_request", "parse_reward_request",
-           "image_loader", "MAX_N", "MAX_STOP"]
+           "classification", "image_loader", "MAX_N", "MAX_STOP"]
 
 MAX_N = 16
 MAX_STOP = 4
@@ -343,6 +343,16 @@ def parse_reward_request(body: Any, served: ServedModel) -> list[list[int]]:
                            code="context_length_exceeded")
         out.append(ids)
     return out
+
+
+def classification(index: int, logits: list[float], label_names: list[str]) -> dict:
+    """One classifier result: the most likely label, every label's probability (softmax) and the logits."""
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    probs = [w / sum(weights) for w in weights]
+    best = logits.index(top)
+    return {"object": "classification", "index": index, "label": label_names[best],
+            "probs": dict(zip(label_names, probs)), "logits": logits}
 
 
 def _render(served: ServedModel, messages: list[dict], where: str) -> list[int]:

@@ -1,7 +1,8 @@
-"""Batched scoring for reward-model folders: concurrent ``/v1/rewards`` requests are scored together.
+"""Batched scoring for reward-model and classifier folders: concurrent ``/v1/rewards`` requests are scored together.
 
 One thread owns the model; each request's token-id sequences wait in a queue, and the thread scores every waiting
-sequence (up to ``max_batch`` per forward pass) with ``RewardModel.score`` — right-padded, read at each sequence's
+sequence (up to ``max_batch`` per forward pass) with ``RewardModel.score`` (a classifier: ``SequenceClassifier.predict``, the logits of every class) —
+right-padded, read at each sequence's
 last real token, so a sequence's score does not depend on what it was batched with (up to floating-point
 summation order).
 """
@@ -21,13 +22,14 @@ __all__ = ["RewardBatcher"]
 
 
 class RewardBatcher(QueueWorker):
-    """``score(seqs) -> list[float]`` from any thread; ``start()`` / ``close()`` the scoring thread.
+    """``score(seqs) -> list[float]`` (a classifier: ``list[list[float]]``, its logits) from any thread; ``start()`` / ``close()`` the scoring thread.
     ``batch_wait_s``: when idle, wait this long after the first arrival so that requests arriving together are
     scored together."""
 
     def __init__(self, served: ServedModel, max_batch: int = 16, batch_wait_s: float = 0.0):
-        if served.kind != "reward":
-            raise ValueError(f"RewardBatcher scores with a reward model; {served.name} is a {served.kind} model")
+        if not served.scores_text:
+            raise ValueError(f"RewardBatcher scores with a reward model or classifier; {served.name} is a "
+                             f"{served.kind} model")
         super().__init__()
         self.served, self.max_batch, self.batch_wait_s = served, max_batch, batch_wait_s
         self.stats = {"scored": 0, "batches": 0, "peak_batch": 0, "failed": 0}
@@ -68,8 +70,11 @@ class RewardBatcher(QueueWorker):
             seqs = [s for job, _ in jobs for s in job]
             try:
                 with torch.inference_mode():
-                    scores = self.served.model.score(seqs, [[] for _ in seqs], batch_size=self.max_batch,
-                                                     pad_token_id=pad).tolist()
+                    if self.served.kind == "classifier":
+                        scores = self.served.model.predict(seqs, batch_size=self.max_batch, pad_token_id=pad).tolist()
+                    else:
+                        scores = self.served.model.score(seqs, [[] for _ in seqs], batch_size=self.max_batch,
+                                                         pad_token_id=pad).tolist()
             except Exception as e:  # a failing batch fails its requests, not the server
                 traceback.print_exc(file=sys.stderr)
                 self.stats["failed"] += len(jobs)

@@ -27,8 +27,9 @@ from typing import Any
 from .engine import BatchEngine, Overloaded, Sequence
 from .loading import ServedModel
 from .page import chat_page
-from .protocol import (APIError, GenerationRequest, chat_response, completion_response, image_loader,
-                       parse_chat_request, parse_completion_request, parse_reward_request, stream_chunk, usage)
+from .protocol import (APIError, GenerationRequest, chat_response, classification, completion_response,
+                       image_loader, parse_chat_request, parse_completion_request, parse_reward_request,
+                       stream_chunk, usage)
 from .rewards import RewardBatcher
 from .text import TextStream
 
@@ -59,7 +60,7 @@ class OpenAIServer(ThreadingHTTPServer):
         self.served, self.max_body, self.verbose = served, max_body, verbose
         self.load_image = image_loader(image_dir)
         self.created = int(time.time())
-        if served.kind == "reward":
+        if served.scores_text:
             self.engine, self.rewards = None, RewardBatcher(served, max_batch=max_batch, batch_wait_s=batch_wait_s)
         else:
             self.rewards = None
@@ -245,11 +246,11 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------------------------------- endpoints
     def _needs(self, kind: str, path: str) -> None:
         s = self.server.served
-        if kind == "reward" and s.kind != "reward":
-            raise APIError(400, f"{path} scores with a reward model; {s.name} is a {s.kind} model",
+        if kind == "reward" and not s.scores_text:
+            raise APIError(400, f"{path} scores with a reward model or classifier; {s.name} is a {s.kind} model",
                            code="unsupported_endpoint")
-        if kind == "generate" and s.kind == "reward":
-            raise APIError(400, f"{path} needs a language model; {s.name} is a reward model (use /v1/rewards)",
+        if kind == "generate" and s.scores_text:
+            raise APIError(400, f"{path} needs a language model; {s.name} is a {s.kind} model (use /v1/rewards)",
                            code="unsupported_endpoint")
 
     def _chat(self, body: Any) -> None:
@@ -269,8 +270,11 @@ class _Handler(BaseHTTPRequestHandler):
         except RuntimeError as e:
             raise APIError(500, str(e), type="server_error") from None
         n = sum(len(x) for x in seqs)
-        self._send_json(200, {"object": "list", "model": s.name,
-                              "data": [{"object": "reward", "index": i, "score": v} for i, v in enumerate(scores)],
+        if s.kind == "classifier":
+            data = [classification(i, logits, s.model.label_names) for i, logits in enumerate(scores)]
+        else:
+            data = [{"object": "reward", "index": i, "score": v} for i, v in enumerate(scores)]
+        self._send_json(200, {"object": "list", "model": s.name, "data": data,
                               "usage": {"prompt_tokens": n, "total_tokens": n}})
 
     def _generate(self, req: GenerationRequest) -> None:
