@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dis
 from runner import ROOT, subprocess_env  # noqa: E402
 
 EXAMPLES = Path(ROOT) / "example" / "configs"
-METHODS = ("pretrain", "sft", "dpo", "reward", "grpo", "ppo", "distill")
+METHODS = ("pretrain", "sft", "dpo", "reward", "grpo", "ppo", "distill", "classify")
 SIGNATURE = {"pretrain": "lm_loss", "sft": "eval_loss", "dpo": "rewards/margin", "reward": "rewards/accuracy",
-             "grpo": "reward/short/mean", "ppo": "value_loss", "distill": "kd_loss"}
+             "grpo": "reward/short/mean", "ppo": "value_loss", "distill": "kd_loss", "classify": "eval_macro_f1"}
 """A metric only that method logs (grpo: its second reward function, so both were imported)."""
 
 HOOKS = '''
@@ -99,6 +99,9 @@ def test_every_method_trains_from_its_example_config(workspace, tmp_path, monkey
     if method == "reward":
         from llm_trainer import RewardModel
         assert RewardModel.from_pretrained(out / "final") is not None
+    if method == "classify":
+        from llm_trainer.model.heads import SequenceClassifier
+        assert SequenceClassifier.from_pretrained(out / "final").label_names == ["false", "true"]
 
 
 def test_print_config_applies_overrides_and_resolves_paths(workspace, tmp_path, monkeypatch, capsys):

@@ -4,7 +4,7 @@
 
 The quickstart's synthetic ``a+b`` task (``llm_trainer.quickstart.task``) as jsonl, a byte-level BPE tokenizer
 (``tokenizer/``), the prepared token files of every method (``data/pretrain.npy``, ``data/sft``, ``data/dpo``,
-``data/reward``, ``data/rl``) and, for ``distill.toml``, a stand-in teacher (``teacher/``: a small model with random
+``data/reward``, ``data/rl``, ``data/classify`` and its held-out ``data/classify_test``) and, for ``distill.toml``, a stand-in teacher (``teacher/``: a small model with random
 weights and the same vocabulary — point ``teacher_model_path`` at a real one, e.g. the ``final/`` of an SFT run).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llm_trainer.data import prepare_data
 from llm_trainer.model import LlmModel, ModelConfig
-from llm_trainer.quickstart.task import write_task_files
+from llm_trainer.quickstart.task import write_classify_files, write_task_files
 from llm_trainer.tokenizer import train_tokenizer
 
 VOCAB_SIZE = 320          # the configs' model_config.vocab_size
@@ -28,6 +28,10 @@ def make_data(folder: str | Path, seed: int = 0) -> Path:
                                 output_dir=folder / "tokenizer", template="chatml", show_progress=False)
     for stage, source in (("pretrain", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("reward", "dpo"), ("rl", "rl")):
         prepare_data(stage, tokenizer, files[source], folder / "data" / stage, progress=False)
+    statements = write_classify_files(folder / "data" / "jsonl", seed=seed, max_operand=9)
+    for split in ("classify", "classify_test"):     # the same label ids in both (labels sorted by name)
+        prepare_data("classify", tokenizer, statements[split], folder / "data" / split, progress=False,
+                     labels=["false", "true"])
     teacher = LlmModel(ModelConfig(vocab_size=VOCAB_SIZE, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=128,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
