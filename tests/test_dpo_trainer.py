@@ -219,6 +219,7 @@ def _held_bytes(trainer):
 
 def test_lora_dpo_has_no_second_copy_and_matches_full_dpo(tmp_path):
     from llm_trainer.model.lora import LoRALinear
+    from llm_trainer.safetensors_writer import materialize
     from llm_trainer.trainers.setup import merge_lora_state
     data = random_pairs(4, seed=11)
     lo = make_trainer(tmp_path, data, name="lora", lora=LoRAConfig(r=4, alpha=8.0), loss_beta=0.3)
@@ -239,7 +240,7 @@ def test_lora_dpo_has_no_second_copy_and_matches_full_dpo(tmp_path):
         for m in lora_policy.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.weight.copy_(0.05 * torch.randn(m.lora_B.weight.shape, generator=g))
-    merged = merge_lora_state(lora_policy.state_dict(), lora_policy)
+    merged = materialize(merge_lora_state(lora_policy.state_dict(), lora_policy))
     full_policy.load_state_dict(merged)
     out_lo = lo.compute_loss(lo.model, first_batch(lo))
     out_full = full.compute_loss(full.model, first_batch(full))

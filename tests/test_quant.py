@@ -185,6 +185,7 @@ def test_dtype_cast_keeps_scales_exact():
 def test_merged_full_precision_export_loads_in_transformers(tmp_path, tie):
     from transformers import AutoModelForCausalLM
 
+    from llm_trainer.safetensors_writer import materialize
     from llm_trainer.trainers.setup import merge_lora_state
 
     model = quantize_base(apply_lora(_model(tie=tie), r=4, alpha=8), "nf4")
@@ -200,7 +201,7 @@ def test_merged_full_precision_export_loads_in_transformers(tmp_path, tie):
         merge_lora(model)
     # the trainers' export: full state dict (dequantized) + LoRA folded in
     exported = LlmModel(model.config)
-    exported.load_state_dict(merge_lora_state(model.state_dict(), model))
+    exported.load_state_dict(materialize(merge_lora_state(model.state_dict(), model)))
     exported.save_pretrained(tmp_path / "via_state")
     # the explicit route: dequantize, merge, save
     remove_lora(dequantize_base(model))

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..safetensors_writer import DeferredTensor, write_safetensors
 from .config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
@@ -143,8 +143,8 @@ def set_default_file_mode(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~current_umask())
 
 
-def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _shards(tensors: dict, limit: int) -> list[dict]:
+    shards: list[dict] = [{}]
     size = 0
     for key, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -162,7 +162,8 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write `model` as a HF folder. `state_dict` overrides the model's own (e.g. a gathered ZeRO-3 one).
+    """Write `model` as a HF folder. `state_dict` overrides the model's own (e.g. a gathered ZeRO-3 one); its
+    values may be :class:`~llm_trainer.safetensors_writer.DeferredTensor` (computed one at a time while writing).
 
     Files are written into a temporary sibling folder first. A new `path` is created by one rename; into an
     existing folder each file is moved by an atomic `os.replace` (other files such as tokenizers are kept and
@@ -171,7 +172,8 @@ def save_pretrained(
     path = Path(path)
     config = model.config
     sd = model.state_dict() if state_dict is None else state_dict
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if not _ignored(k, config)}
+    tensors = {k: v if isinstance(v, DeferredTensor) else v.detach().to("cpu")
+               for k, v in sd.items() if not _ignored(k, config)}
     shards = _shards(tensors, parse_size(max_shard_size))
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -181,7 +183,7 @@ def save_pretrained(
     tmp.mkdir()
     try:
         for name, shard in zip(names, shards):
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            write_safetensors(tmp / name, shard, metadata={"format": "pt"})
             set_default_file_mode(tmp / name)
         written = list(names)
         if n > 1:

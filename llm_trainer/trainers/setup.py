@@ -6,6 +6,7 @@ same way as the policy without copying and patching the config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..model import LlmModel, ModelConfig
+from ..safetensors_writer import DeferredTensor, materialize
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -211,33 +213,40 @@ def export_model(backend, model: torch.nn.Module, path: Path, tokenizer=None, *,
     if write is None:
         write_model_folder(state, config if config is not None else plain.config, path)
     else:
-        write(state, plain, path)
+        write(materialize(state), plain, path)
     if tokenizer is not None:
         tokenizer.save(path)
     return path
 
 
 def write_model_folder(state: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
-    """An HF-format folder of an LLM or VLM of ``config`` holding ``state``."""
+    """An HF-format folder of an LLM or VLM of ``config`` holding ``state`` (an LLM's deferred merged weights are
+    computed one at a time as they are written)."""
     target = new_model_for_export(config)
     if isinstance(target, LlmModel):
         from ..model.hf import save_pretrained
         save_pretrained(target, path, state_dict=state)
     else:
         target.to_empty(device="cpu")
-        target.load_state_dict(state, strict=True)
+        target.load_state_dict(materialize(state), strict=True)
         target.save_pretrained(path)
 
 
-def merge_lora_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Fold every ``<name>.lora_A/lora_B`` of a full state dict into ``<name>.weight`` (scale from the model)."""
+def merge_lora_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:
+    """Fold every ``<name>.lora_A/lora_B`` of a full state dict into ``<name>.weight`` (scale from the model): W +
+    s·B·A in fp32, cast back to W's dtype. The merged weights are :class:`DeferredTensor`: computed when written,
+    one at a time, so an export holds no second copy of the adapted weights (``materialize`` computes them all)."""
     from ..model.lora import LoRALinear
-    out = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
+    out: dict[str, Any] = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
+
+    def merged(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        return (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            a, b = state[f"{name}.lora_A.weight"].float(), state[f"{name}.lora_B.weight"].float()
             w = out[f"{name}.weight"]
-            out[f"{name}.weight"] = (w.float() + module.scaling * (b @ a)).to(w.dtype)
+            out[f"{name}.weight"] = DeferredTensor(w.shape, w.dtype, functools.partial(
+                merged, w, state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"], module.scaling))
     return out
 
 
