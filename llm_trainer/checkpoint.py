@@ -25,6 +25,7 @@ converted to tensors/ints), so nothing is unpickled.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -38,7 +39,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from safetensors.torch import load_file as safetensors_load_file
-from safetensors.torch import save_file as safetensors_save_file
+
+from .safetensors_writer import DeferredTensor, write_safetensors
 
 __all__ = ["latest_checkpoint", "list_checkpoints", "resumable_checkpoint", "verify_checkpoint", "read_manifest",
            "begin_checkpoint", "commit_checkpoint", "abort_checkpoint", "clean_partial", "rotate_checkpoints",
@@ -171,20 +173,13 @@ def save_model_state(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
             continue
         if key is not None:
             seen[key] = name
-        tensors[name] = t.to("cpu").contiguous()
-    # partially overlapping views of one storage are still "shared" for safetensors: clone those
-    storages: dict[int, str] = {}
-    for name, t in list(tensors.items()):
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in storages:
-            tensors[name] = t.clone()
-        elif t.numel():
-            storages[ptr] = name
+        # written one at a time from their own memory (a device tensor is copied to the host just before)
+        tensors[name] = t if t.device.type == "cpu" else DeferredTensor(t.shape, t.dtype, functools.partial(t.to, "cpu"))
     meta = dict(metadata or {})
     meta["format"] = "pt"
     if aliases:
         meta["llm_trainer_aliases"] = json.dumps(aliases)
-    safetensors_save_file(tensors, str(path), metadata=meta)
+    write_safetensors(path, tensors, metadata=meta)
 
 
 def load_model_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

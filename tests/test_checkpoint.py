@@ -174,13 +174,12 @@ _CHILD = textwrap.dedent(r"""
         time.sleep(120)
 
     if phase == "model":  # killed half-way through writing the weights file
-        from safetensors.torch import save as to_bytes
-        def slow_save(tensors, path, metadata=None):
-            data = to_bytes(tensors, metadata=metadata)
-            with open(path, "wb") as f:
-                f.write(data[: len(data) // 2]); f.flush()
-                stall()
-        ck.safetensors_save_file = slow_save
+        real_write = ck.write_safetensors
+        def slow_save(path, tensors, metadata=None):
+            real_write(path, tensors, metadata)
+            os.truncate(path, os.path.getsize(path) // 2)
+            stall()
+        ck.write_safetensors = slow_save
     elif phase == "optimizer":  # weights complete, optimizer state half-written
         real = ck.save_tensor_state
         def slow_tensor_save(obj, path):
