@@ -129,10 +129,11 @@ def timed_rounds(fns: Sequence[Callable[[], Any]], repeats: int, sync_fn: Callab
 
 
 def fmt_range(xs: Sequence[float], fmt: str = ".2f") -> str:
-    """``min–max`` of several values, the value itself for one."""
+    """``min–max`` of several values, one value when they all print alike."""
     if not xs:
         return "-"
-    return f"{min(xs):{fmt}}–{max(xs):{fmt}}" if len(xs) > 1 else f"{xs[0]:{fmt}}"
+    lo, hi = f"{min(xs):{fmt}}", f"{max(xs):{fmt}}"
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 def median(xs: Sequence[float]) -> float:

@@ -76,7 +76,8 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
             "$WHEELS"/*.whl >> "$LOG" 2>&1; then
         export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
         if compgen -G "$WHEELS/llm_trainer-*.whl" > /dev/null; then      # the wheel itself imports
-            (cd "$RES" && PYTHONPATH="$SITE" "$PY" -c "import llm_trainer, sys; print('llm_trainer wheel imports from', llm_trainer.__file__)") 2>&1 | tee -a "$LOG"
+            (cd "$RES" && PYTHONPATH="$SITE" "$PY" -c \
+                "import llm_trainer; print('llm_trainer wheel:', llm_trainer.__file__)") 2>&1 | tee -a "$LOG"
         fi
     else
         say "wheel install FAILED (see $LOG); using the environment's packages"
@@ -103,7 +104,8 @@ if [[ "$CUDA" == "1" ]]; then
     part a_mfu_125M_1k 75 "$PY" $B/mfu.py --size 125M --seq 1024 --json "$RES/a_125M_1024.json"
     part a_mfu_125M_2k 75 "$PY" $B/mfu.py --size 125M --seq 2048 --json "$RES/a_125M_2048.json"
     part a_mfu_350M_2k 90 "$PY" $B/mfu.py --size 350M --seq 2048 --batch 8 --json "$RES/a_350M_2048.json"
-    part a_mfu_125M_trainer 75 "$PY" $B/mfu.py --size 125M --seq 2048 --mode trainer --json "$RES/a_125M_2048_trainer.json"
+    part a_mfu_125M_trainer 75 "$PY" $B/mfu.py --size 125M --seq 2048 --mode trainer \
+        --json "$RES/a_125M_2048_trainer.json"
     part b_sft_packed 150 "$PY" $B/scale.py --tasks sft_packed --sizes 125M --seqs 2048 --batch 8 --dtype bf16 \
         --repeats 2 --steps 8 --threads 8 --timeout 70 --dir "$RES/scale" --json "$RES/b_sft_packed.json"
     part c_generate_b8 120 "$PY" $B/generate.py --device cuda --dtype bf16 --static --compile --batch 8 \
@@ -112,9 +114,12 @@ if [[ "$CUDA" == "1" ]]; then
         --prompt-len 128 --new-tokens 128 --repeats 3 "${SHAPE125[@]}" --json "$RES/c_generate_b1.json"
     part c_rollout 60 "$PY" $B/rollout.py --device cuda --prompts 8 --group 8 --prompt-len 256 --new-tokens 128 \
         --repeats 3 --skip-single --skip-grpo --json "$RES/c_rollout.json"
-    part a_mfu_125M_2k_compiled 100 "$PY" $B/mfu.py --size 125M --seq 2048 --compile --json "$RES/a_125M_2048_compiled.json"
-    part a_mfu_350M_2k_compiled 110 "$PY" $B/mfu.py --size 350M --seq 2048 --batch 8 --compile --json "$RES/a_350M_2048_compiled.json"
-    part e_packed_attention_flex 150 "$PY" $B/packed_attention.py --device cuda --flex --lengths 8192 16384 32768 --repeats 1
+    part a_mfu_125M_2k_compiled 100 "$PY" $B/mfu.py --size 125M --seq 2048 --compile \
+        --json "$RES/a_125M_2048_compiled.json"
+    part a_mfu_350M_2k_compiled 110 "$PY" $B/mfu.py --size 350M --seq 2048 --batch 8 --compile \
+        --json "$RES/a_350M_2048_compiled.json"
+    part e_packed_attention_flex 150 "$PY" $B/packed_attention.py --device cuda --flex --lengths 8192 16384 32768 \
+        --repeats 1
 else
     TINY=(--vocab 512 --hidden 64 --intermediate 128 --layers 1 --heads 2 --kv-heads 1)
     part a_mfu_tiny 40 "$PY" $B/mfu.py --size tiny --seq 128 --batch 4 --steps 3 --warmup 1 --json "$RES/a_tiny.json"

@@ -61,7 +61,8 @@ def generate_rows(d: Path) -> list[list[str]]:
                 continue
             rows.append([f"(c) greedy generate, {r['params'] / 1e6:.3g}M, batch {r['batch']}, {r['new_tokens']} new "
                          f"tokens, {r['dtype']}: {name}", f"{x['tokens_per_s']:,.0f} tok/s",
-                         f"transformers {base['tokens_per_s']:,.0f} tok/s", f"**{x['tokens_per_s'] / base['tokens_per_s']:.2f}×**",
+                         f"transformers {base['tokens_per_s']:,.0f} tok/s",
+                         f"**{x['tokens_per_s'] / base['tokens_per_s']:.2f}×**",
                          f"{_mem(x['peak_above_weights'])} vs {_mem(base['peak_above_weights'])} above weights"])
     for f in sorted(d.glob("c_rollout*.json")):
         r = json.loads(f.read_text())

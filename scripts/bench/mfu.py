@@ -73,7 +73,8 @@ def run_trainer(args, device: torch.device) -> tuple[list[float], LlmModel]:
     from llm_trainer.configs import PretrainConfig
     work = tempfile.mkdtemp(prefix="bench_mfu_")
     cfg = model_config(args)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, args.batch * args.seq * (args.warmup + args.steps + 2))
+    n = args.batch * args.seq * (args.warmup + args.steps + 2)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, n)
     np.save(os.path.join(work, "tokens.npy"), tokens.astype(np.uint16))
     ends: list[float] = []
 

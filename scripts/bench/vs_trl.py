@@ -120,8 +120,13 @@ def run_ours(args) -> dict:
     import numpy as np
 
     from llm_trainer import LoRAConfig, OptimConfig, SFTConfig, TrainConfig
+    from llm_trainer.model import ModelConfig
     out: dict = {"import_rss": rss_bytes()}
-    common = dict(init_weights_path=args.model, batch_size=args.batch, output_dir=os.path.join(args.work, "ours"),
+    # The folder brings the architecture; model_config only satisfies TrainConfig's check of dataset_block_size
+    # against model_config.max_position_embeddings, which it makes even when init_weights_path is set (its default
+    # ModelConfig allows 2048 positions).
+    common = dict(init_weights_path=args.model, model_config=ModelConfig(max_position_embeddings=max(args.seq, 2048)),
+                  batch_size=args.batch, output_dir=os.path.join(args.work, "ours"),
                   overwrite_output_dir=True, dtype=args.dtype, ds_config=None, max_steps=total_steps(args),
                   save_interval=None, eval_interval=None, log_interval=10**6, max_grad_norm=1.0, seed=0,
                   gradient_checkpointing=args.gc, data_loader_config={"shuffle": False},
@@ -137,7 +142,9 @@ def run_ours(args) -> dict:
                     w.add_sft(np.array(ids), np.ones(len(ids), dtype=np.int64))
         lora = LoRAConfig(r=LORA_R, alpha=LORA_ALPHA, target_modules=LORA_TARGETS) if args.task == "sft_lora" else None
         cfg = TrainConfig(file_dataset=[data], dataset_block_size=args.seq, lora=lora,
-                          sft_config=SFTConfig(mask_prompt=False, packing=args.task == "sft_packed"),
+                          sft_config=SFTConfig(mask_prompt=False, packing=args.task == "sft_packed",
+                                               **({"chunked_cross_entropy_size": args.ce_chunk} if args.ce_chunk
+                                                  else {})),
                           **{**common, "batch_size": sft_docs_per_step(args)})
         tr = SFTTrainer(train_config=cfg)
     elif args.task == "dpo":
@@ -266,6 +273,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="scratch folder (default: beside --model)")
+    ap.add_argument("--ce-chunk", type=int, default=None,
+                    help="ours, SFT: SFTConfig.chunked_cross_entropy_size (default: the library's)")
     args = ap.parse_args(argv)
     if args.warmup < 1:
         ap.error("--warmup must be >= 1 (the first step's interval has no start)")
