@@ -3,12 +3,22 @@
 ``ConfigMixin`` gives every config ``to_dict`` / ``from_dict`` / ``save`` / ``load``. ``from_dict`` converts
 nested tables into the declared dataclass types (a ``Union`` of dataclasses picks the tightest class whose fields
 fit the table — that is how ``DsZero3Config`` is told from ``DsZero2Config`` by its fixed ``stage`` field), turns
-lists into tuples where a tuple is declared, and rejects an unknown key with the close matches. Callables and
-other non-plain objects are left out of ``to_dict`` (``strict=True`` raises instead); ``None`` is omitted from
-TOML (TOML has no null: a missing key means "the default").
+lists into tuples where a tuple is declared, rejects an unknown key with the close matches, and rejects a value
+of the wrong type naming the field and the declared type (``TrainConfig.batch_size: expected int, got 'x' (str)``)
+before the config's own ``__post_init__`` checks run. Callables and other non-plain objects are left out of
+``to_dict`` (``strict=True`` raises instead); ``None`` is omitted from TOML (TOML has no null: a missing key means
+"the default"), except where a field's default is not None: there TOML spells None ``"none"`` (``save_interval =
+"none"``, ``ds_config = "none"``), which ``from_dict`` reads back as None for any field that may be None and is not a
+string (``to_dict(toml=True)``).
+
+Command-line overrides: :func:`parse_overrides` turns ``["optim_config.max_lr=3e-4", "report_to=[\"wandb\"]"]``
+into a nested dict (each value read as a TOML value, else kept as a string) that :func:`deep_merge` lays over a
+config file's dict.
 """
 from __future__ import annotations
 
+import collections.abc
+import copy
 import dataclasses
 import difflib
 import importlib
@@ -20,8 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any, Union
 
-__all__ = ["ConfigMixin", "dict_to_toml", "load_dict", "from_dict", "to_plain"]
-
+__all__ = ["ConfigMixin", "dict_to_toml", "load_dict", "from_dict", "to_plain", "parse_overrides", "deep_merge"]
 
 
 class _Skip:
@@ -31,20 +40,24 @@ class _Skip:
 _SKIP = _Skip()
 
 
-def _plain(value: Any, where: str, strict: bool) -> Any:
+NONE = "none"
+"""How TOML (which has no null) spells None for a field that may be None but is not a string."""
+
+
+def _plain(value: Any, where: str, strict: bool, toml: bool = False) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Path):
         return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _to_dict(value, where, strict)
+        return _to_dict(value, where, strict, toml)
     if isinstance(value, (list, tuple)):
-        out = [_plain(v, f"{where}[{i}]", strict) for i, v in enumerate(value)]
+        out = [_plain(v, f"{where}[{i}]", strict, toml) for i, v in enumerate(value)]
         if any(v is _SKIP for v in out):
             return _SKIP
         return out
     if isinstance(value, dict):
-        out = {str(k): _plain(v, f"{where}.{k}", strict) for k, v in value.items()}
+        out = {str(k): _plain(v, f"{where}.{k}", strict, toml) for k, v in value.items()}
         return {k: v for k, v in out.items() if v is not _SKIP}
     if strict:
         raise TypeError(f"{where} holds a {type(value).__name__}, which cannot be serialised to TOML/JSON; "
@@ -52,10 +65,17 @@ def _plain(value: Any, where: str, strict: bool) -> Any:
     return _SKIP
 
 
-def _to_dict(cfg: Any, where: str, strict: bool) -> dict[str, Any]:
+def _default_is_none(f: dataclasses.Field) -> bool:
+    return f.default is None or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+
+
+def _to_dict(cfg: Any, where: str, strict: bool, toml: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    hints = _hints(type(cfg)) if toml else {}
     for f in dataclasses.fields(cfg):  # non-init fields too: they tell subclasses apart (e.g. ZeRO `stage`)
-        v = _plain(getattr(cfg, f.name), f"{where}.{f.name}", strict)
+        v = _plain(getattr(cfg, f.name), f"{where}.{f.name}", strict, toml)
+        if v is None and toml and not _default_is_none(f) and _none_spellable(hints.get(f.name, Any)):
+            v = NONE              # omitted, the key would mean the (non-None) default
         if v is not _SKIP:
             out[f.name] = v
     return out
@@ -75,8 +95,14 @@ def _union_args(tp: Any) -> tuple:
     return (tp,)
 
 
+def _none_spellable(tp: Any) -> bool:
+    """A field typed ``tp`` may be None and cannot hold the string ``"none"`` itself."""
+    options = _union_args(tp)
+    return type(None) in options and not any(_type_ok(t, NONE) for t in options if t is not type(None))
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
-    if value is None:
+    if value is None or (isinstance(value, str) and value == NONE and _none_spellable(tp)):
         return None
     options = _union_args(tp)
     if isinstance(value, dict):
@@ -96,6 +122,55 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and float in options and int not in options:
         return float(value)
     return value
+
+
+def _type_ok(tp: Any, value: Any) -> bool:
+    """``value`` fits the declared type ``tp``. Lenient where the configs' own checks coerce: an int is a float, a
+    path object a str, one item a ``list[X]`` (e.g. ``report_to = "wandb"``); unknown annotations accept anything."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or isinstance(tp, typing.TypeVar):
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(t, value) for t in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, (str, os.PathLike))
+    if origin in (list, tuple, collections.abc.Sequence):
+        items = [t for t in args if t is not Ellipsis]
+        if not isinstance(value, (list, tuple)):
+            return origin is list and bool(items) and _type_ok(items[0], value)
+        return not items or all(any(_type_ok(t, v) for t in items) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if origin is collections.abc.Callable or tp is collections.abc.Callable:
+        return callable(value)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return repr(tp).replace("typing.", "").replace("collections.abc.", "")
+
+
+def _check_type(tp: Any, value: Any, where: str) -> None:
+    if not _type_ok(tp, value):
+        raise TypeError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 # modules defining subclasses of re-exported configs, imported (if present) before choosing a class for a dict
@@ -164,7 +239,9 @@ def _from_dict(cls: type, data: dict[str, Any], where: str | None = None) -> Any
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             label = where if where == cls.__name__ else f"{where} ({cls.__name__})"
             raise ValueError(f"{label}: unknown field {key!r}{hint} (valid: {', '.join(flds)})")
-        kwargs[name] = _convert(hints.get(name, Any), value, f"{where}.{name}")
+        hint = hints.get(name, Any)
+        kwargs[name] = _convert(hint, value, f"{where}.{name}")
+        _check_type(hint, kwargs[name], f"{where}.{name}")
     return cls(**kwargs)
 
 
@@ -213,25 +290,76 @@ def dict_to_toml(data: dict[str, Any]) -> str:
 
 
 def load_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a `.toml` or `.json` file into a dict."""
+    """Read a `.toml`, `.json` or (with the optional ``pyyaml``) `.yaml`/`.yml` file into a dict."""
     path = Path(path)
-    if path.suffix.lower() == ".toml":
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
         import tomllib
 
         with open(path, "rb") as f:
             return tomllib.load(f)
-    if path.suffix.lower() == ".json":
+    if suffix == ".json":
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    raise ValueError(f"config file {str(path)!r} must end in .toml or .json")
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: reading YAML needs pyyaml (pip install 'llm_trainer[yaml]'), or write the "
+                             f"config as TOML") from None
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return data
+    raise ValueError(f"config file {str(path)!r} must end in .toml, .json, .yaml or .yml")
+
+
+def _override_value(text: str) -> Any:
+    """A command-line value read as TOML (``3e-4``, ``true``, ``[1, 2]``, ``"quoted"``), else the raw string."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` → ``{"a": {"b": 1}, "c": "x"}``: dotted keys become nested tables; each value is read
+    as a TOML value when it parses as one (quote a string that looks like a number: ``run_name='"2024"'``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise ValueError(f"override {item!r}: expected key=value or a.dotted.key=value")
+        table = out
+        for i, part in enumerate(parts[:-1]):
+            table = table.setdefault(part.strip(), {})
+            if not isinstance(table, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[:i + 1])} is set to a value, not a table")
+        if isinstance(table.get(parts[-1].strip()), dict):
+            raise ValueError(f"override {item!r}: {key.strip()} is a table (set its fields with {key.strip()}.name=)")
+        table[parts[-1].strip()] = _override_value(text.strip())
+    return out
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``override`` laid over it, table by table (nested dicts merge, other values replace)."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
 
 
 class ConfigMixin:
     """`to_dict` / `from_dict` / `save` / `load` for the config dataclasses."""
 
-    def to_dict(self, strict: bool = False) -> dict[str, Any]:
-        """Nested plain dict. Callables/objects are left out (or raise TypeError with ``strict=True``)."""
-        return _to_dict(self, type(self).__name__, strict)
+    def to_dict(self, strict: bool = False, toml: bool = False) -> dict[str, Any]:
+        """Nested plain dict. Callables/objects are left out (or raise TypeError with ``strict=True``).
+        ``toml=True``: None in a field whose default is not None becomes ``"none"`` (TOML has no null)."""
+        return _to_dict(self, type(self).__name__, strict, toml)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -240,7 +368,7 @@ class ConfigMixin:
 
     def save(self, path: str | os.PathLike, strict: bool = False) -> None:
         path = Path(path)
-        data = self.to_dict(strict=strict)
+        data = self.to_dict(strict=strict, toml=path.suffix.lower() == ".toml")
         if path.suffix.lower() == ".toml":
             text = dict_to_toml(data)
         elif path.suffix.lower() == ".json":

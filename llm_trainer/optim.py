@@ -35,12 +35,17 @@ def _full_ndim(p: torch.Tensor) -> int:
     return len(getattr(p, "ds_shape", p.shape))
 
 
+NO_DECAY_ATTR = "_llm_trainer_no_decay"
+"""A parameter with this attribute set is never weight-decayed (e.g. an LM head whose old rows are frozen by a
+gradient mask: decoupled decay would still shrink them)."""
+
+
 def build_param_groups(model: nn.Module | Iterable, weight_decay: float,
                        decay_embeddings: bool = False) -> list[dict[str, Any]]:
     """Split trainable parameters into a decayed and a non-decayed group (empty groups are dropped).
 
     `model` may be an ``nn.Module`` (embeddings are recognised by module type) or an iterable of parameters
-    (then only the ≥2-D rule applies). Each group carries a ``group_name`` ('decay' / 'no_decay') and the
+    (then only the ≥2-D rule applies). Parameters marked with ``NO_DECAY_ATTR`` are never decayed. Each group carries a ``group_name`` ('decay' / 'no_decay') and the
     parameter ``names`` (strings; kept in the optimizer state dict, useful to debug a resume).
     """
     if isinstance(model, nn.Module):
@@ -62,7 +67,8 @@ def build_param_groups(model: nn.Module | Iterable, weight_decay: float,
     for name, p in named:
         if not p.requires_grad:
             continue
-        target = decay if (_full_ndim(p) >= 2 and id(p) not in embedding_ids) else no_decay
+        decays = _full_ndim(p) >= 2 and id(p) not in embedding_ids and not getattr(p, NO_DECAY_ATTR, False)
+        target = decay if decays else no_decay
         target[0].append(p)
         target[1].append(name)
     groups = []

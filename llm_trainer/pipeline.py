@@ -42,11 +42,15 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
+import importlib.machinery
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .configs import (DPOConfig, GRPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig, TrainConfig,
+from .config_io import deep_merge
+from .configs import (ClassifyConfig, DPOConfig, GRPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig,
+                      TrainConfig,
                       load_dict)
 
 STAGES: dict[str, tuple[str, str, type]] = {
@@ -56,6 +60,7 @@ STAGES: dict[str, tuple[str, str, type]] = {
     "reward": ("RewardTrainer", "reward_config", RewardConfig),
     "grpo": ("GRPOTrainer", "grpo_config", GRPOConfig),
     "ppo": ("PPOTrainer", "ppo_config", PPOConfig),
+    "classify": ("ClassificationTrainer", "classify_config", ClassifyConfig),
 }
 DONE_MARKER = "DONE"
 
@@ -77,25 +82,30 @@ def _check_keys(table: dict[str, Any], valid: tuple[str, ...], where: str) -> No
             raise PipelineError(f"{where}: unknown key {key!r}{hint} (valid: {', '.join(valid)})")
 
 
+def _forget_shadowed(module: str) -> str:
+    """Drop a cached top-level ``module`` when ``sys.path`` now finds another file of that name first (e.g. the
+    ``rewards.py`` beside this config file, while an earlier run imported another folder's ``rewards.py``)."""
+    cached = sys.modules.get(module)
+    if "." in module or cached is None or not getattr(cached, "__file__", None):
+        return module
+    found = importlib.machinery.PathFinder.find_spec(module)
+    if found is not None and found.origin and os.path.realpath(found.origin) != os.path.realpath(cached.__file__):
+        del sys.modules[module]
+    return module
+
+
 def import_callable(spec: str, where: str) -> Callable:
     """``"package.module:function"`` → the function (the pipeline file's folder is importable)."""
     if ":" not in spec:
         raise PipelineError(f"{where}: expected 'module:function', got {spec!r}")
     module, name = spec.split(":", 1)
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(importlib.import_module(_forget_shadowed(module)), name)
     except (ImportError, AttributeError) as e:
         raise PipelineError(f"{where}: cannot import {spec!r}: {e}") from e
     if not callable(fn):
         raise PipelineError(f"{where}: {spec!r} is not callable")
     return fn
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 PATH_FIELDS = ("tokenizer", "init_weights_path")
@@ -104,34 +114,34 @@ STAGE_PATH_FIELDS = ("ref_model_weights_path", "value_model_weights_path")
 """Weight paths in a stage's own config (``config = {...}``); ``kd_config.teacher_model_path`` is one too."""
 
 
-def _resolve(value: Any, root: Path) -> Any:
+def resolve_path(value: Any, root: Path) -> Any:
     """A relative path string → ``root / value`` (absolute paths and non-strings are kept)."""
     if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
         return str(root / value)
     return str(Path(value).expanduser()) if isinstance(value, str) and value else value
 
 
-def _resolve_paths(train: dict[str, Any], stage_config: dict[str, Any], root: Path) -> None:
+def resolve_paths(train: dict[str, Any], stage_config: dict[str, Any], root: Path) -> None:
     """Relative data/tokenizer/weights paths in the pipeline file are relative to the file's folder (as
     ``output_dir`` is), so ``llm-trainer run dir/pipeline.toml`` works from any working directory."""
     for key in PATH_FIELDS:
         if key in train:
-            train[key] = _resolve(train[key], root)
+            train[key] = resolve_path(train[key], root)
     for key in PATH_LIST_FIELDS:
         value = train.get(key)
         if isinstance(value, str):
-            train[key] = _resolve(value, root)
+            train[key] = resolve_path(value, root)
         elif isinstance(value, list):
-            train[key] = [_resolve(v, root) for v in value]
+            train[key] = [resolve_path(v, root) for v in value]
     for key in STAGE_PATH_FIELDS:
         if key in stage_config:
-            stage_config[key] = _resolve(stage_config[key], root)
+            stage_config[key] = resolve_path(stage_config[key], root)
     kd = stage_config.get("kd_config")
     if isinstance(kd, dict) and "teacher_model_path" in kd:
-        kd["teacher_model_path"] = _resolve(kd["teacher_model_path"], root)
+        kd["teacher_model_path"] = resolve_path(kd["teacher_model_path"], root)
 
 
-def _inputs(cfg: TrainConfig, field_name: str) -> list[tuple[str, str]]:
+def input_paths(cfg: TrainConfig, field_name: str) -> list[tuple[str, str]]:
     """(field, path) of every path a stage reads: data, tokenizer and weights."""
     found = [(f"train.{k}", getattr(cfg, k)) for k in PATH_FIELDS]
     for key in PATH_LIST_FIELDS:
@@ -160,7 +170,7 @@ def check_inputs(planned: list[dict[str, Any]], names: set[str]) -> None:
         where = f"stages[{i}] ({stage['name']!r})"
         if not cfg.file_dataset:
             problems.append(f"{where}.train.file_dataset: not set (a stage needs its data)")
-        for field, path in _inputs(cfg, STAGES[stage["type"]][1]):
+        for field, path in input_paths(cfg, STAGES[stage["type"]][1]):
             if path in seen:
                 continue
             seen.add(path)
@@ -189,10 +199,10 @@ def plan(pipeline: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     stages = pipeline.get("stages")
     if not isinstance(stages, list) or not stages or not all(isinstance(st, dict) for st in stages):
         raise PipelineError("pipeline: needs at least one [[stages]] table")
-    out_root = Path(_resolve(str(pipeline.get("output_dir", "runs/pipeline")), root))
+    out_root = Path(resolve_path(str(pipeline.get("output_dir", "runs/pipeline")), root))
     names: set[str] = set()
     planned = []
-    previous_final: str | None = _resolve(pipeline.get("init_weights_path"), root)
+    previous_final: str | None = resolve_path(pipeline.get("init_weights_path"), root)
     previous_name: str | None = None
     if "output_dir" in pipeline.get("train", {}):
         raise PipelineError("pipeline: [train].output_dir: set the top-level output_dir instead (each stage writes "
@@ -216,13 +226,13 @@ def plan(pipeline: dict[str, Any], root: Path) -> list[dict[str, Any]]:
         stage_train = dict(st.get("train", {}))
         if "output_dir" in stage_train:
             raise PipelineError(f"{where}.train.output_dir: set by the pipeline (output_dir/<stage name>)")
-        train = _merge(pipeline.get("train", {}), stage_train)
+        train = deep_merge(pipeline.get("train", {}), stage_train)
         if "model" in pipeline:
             train.setdefault("model_config", pipeline["model"])
         if "tokenizer" in pipeline:
             train.setdefault("tokenizer", pipeline["tokenizer"])
         stage_config = copy.deepcopy(st.get("config", {}))
-        _resolve_paths(train, stage_config, root)
+        resolve_paths(train, stage_config, root)
         stage_dir = out_root / name
         train["output_dir"] = str(stage_dir)
         train.setdefault("resume_from", "auto")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["PANELS", "Panel", "moving_average", "metric_series", "numeric_keys", "plan_panels", "metrics_figure",
-           "plot_metrics", "plot_lr"]
+           "plot_metrics", "plot_lr", "plot_confusion_matrix"]
 
 Runs = Sequence[tuple[str, Sequence[dict[str, Any]]]]
 """(label, records) per run; records as :func:`llm_trainer.metrics.read_metrics` returns them."""
@@ -40,6 +40,11 @@ PANELS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("score, return, value", r"score_mean|return_mean|value[/_](mean|error)|non_score_reward", {}),
     ("implicit rewards", r"(eval_)?rewards/(chosen|rejected|margin)", {}),
     ("preference accuracy", r"(eval_)?rewards/accuracy|(eval_)?preference_accuracy", {}),
+    # evaluators (llm_trainer.evaluation) log eval/<task>/<metric>; classifiers accuracy and macro-F1
+    ("accuracy", r"(eval_)?accuracy|eval_macro_f1|eval/.+/(acc|acc_norm|exact_match)", {}),
+    ("eval reward", r"eval/.+/reward", {}),
+    ("eval perplexity", r"eval/.+/ppl", {"log": True}),
+    ("eval NLL (nats per token), bits per byte", r"eval/.+/(nll|bits_per_byte)", {}),
     ("log-probs", r"(eval_)?logps/.+", {}),
     ("KL", r"kl|approx_kl|kl/.+", {}),
     ("KL coefficient", r"kl_coef", {}),
@@ -313,6 +318,31 @@ def plot_lr(steps: Sequence[float], lrs: Sequence[float], out: str | Path, title
     ax.set_ylabel("lr")
     ax.grid(True, alpha=0.3)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[float]], labels: Sequence[str], out: str | Path,
+                          title: str = "confusion matrix") -> Path:
+    """A confusion matrix (rows: true class, columns: predicted) as a PNG: counts in the cells, shaded by the share
+    of each true class."""
+    k = len(matrix)
+    fig = _new_figure((min(3.0 + 0.6 * k, 12.0), min(2.6 + 0.6 * k, 11.0)))
+    ax = fig.add_subplot(1, 1, 1)
+    rows = [max(sum(r), 1) for r in matrix]
+    ax.imshow([[v / n for v in r] for r, n in zip(matrix, rows)], cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(k):
+        for j in range(k):
+            share = matrix[i][j] / rows[i]
+            ax.text(j, i, f"{int(matrix[i][j])}", ha="center", va="center", fontsize=8,
+                    color="white" if share > 0.6 else "black")
+    ax.set_xticks(range(k), [str(n) for n in labels], rotation=45 if k > 4 else 0, fontsize=8)
+    ax.set_yticks(range(k), [str(n) for n in labels], fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -76,7 +76,8 @@ def test_stop_save_and_evaluate_requests(tmp_path):
                  callbacks=[Steer(), rec])
     tr.train()
     assert tr.global_step == 3
-    assert [e for e in rec.events if e[0] in ("save", "evaluate")] == [("save", "checkpoint-1"), ("evaluate", 2)]
+    assert [e for e in rec.events if e[0] in ("save", "evaluate")] == [("save", "checkpoint-1"), ("evaluate", 2),
+                                                                        ("evaluate", 3)]   # eval_interval=None: at the end
     assert (tmp_path / "out" / "final").is_dir()                       # a stopped run still exports
 
 

@@ -218,3 +218,12 @@ def test_gradient_checkpointing_selects_blocks(tmp_path):
         assert tr.backend.unwrap(tr.model)._checkpointed == want, setting
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         _pretrain(tmp_path / "bad", gradient_checkpointing="yes")
+
+
+def test_a_missing_weights_path_names_the_setting(tmp_path):
+    from llm_trainer.configs import KDConfig, PretrainConfig
+    with pytest.raises(FileNotFoundError, match=r"KDConfig.teacher_model_path: .*nowhere does not exist"):
+        Trainer(train_config=_pretrain(tmp_path / "kd", pretrain_config=PretrainConfig(
+            kd_config=KDConfig(teacher_model_path=str(tmp_path / "nowhere")))))
+    with pytest.raises(FileNotFoundError, match=r"TrainConfig.init_weights_path: .*nowhere does not exist"):
+        Trainer(train_config=_pretrain(tmp_path / "init", init_weights_path=str(tmp_path / "nowhere")))

@@ -301,3 +301,15 @@ def test_the_documented_example_is_valid(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "rewards", raising=False)
     fn = import_callable(stages[3]["kwargs"]["reward_func"], "rl.reward")
     assert fn(completions=[" 19", "7"], answers=["19", None]) == [1.0, 0.0]
+
+
+def test_a_reward_module_beside_a_later_config_is_not_shadowed_by_an_earlier_one(tmp_path, monkeypatch):
+    from llm_trainer.pipeline import import_callable
+    for name, fn in (("a", "first"), ("b", "second")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shadow_rewards.py").write_text(f"def {fn}(completions):\n    return [0.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
+    assert import_callable("shadow_rewards:first", "run a").__name__ == "first"
+    monkeypatch.syspath_prepend(str(tmp_path / "b"))                  # a second config, in another folder
+    assert import_callable("shadow_rewards:second", "run b").__name__ == "second"
+    monkeypatch.delitem(sys.modules, "shadow_rewards")

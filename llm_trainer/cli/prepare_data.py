@@ -4,7 +4,8 @@
         [--template NAME|FILE.jinja] [--template-kwargs '{"enable_thinking": false}'] \
         [--reasoning-history {template,keep,drop}] [--max-length 2048] [--workers 4] [--skip-bad] [--image-field images]
 
-pretrain writes one flat ``.npy`` (EOS between documents); sft/dpo/reward/rl write an indexed folder. The record
+pretrain writes one flat ``.npy`` (EOS between documents); sft/dpo/reward/rl/classify write an indexed folder
+(classify: ``--labels`` fixes the class names and ids). The record
 fields each stage reads, and the output layout, are in ``docs/data.md``. A progress line (docs/s, tokens/s) goes to
 stderr, the summary (documents, tokens, truncated, skipped, dropped) to stdout.
 Exit status: 0 on success, 2 on bad arguments or bad input (the message names file, line, field and reason).
@@ -53,10 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted and listed) instead of stopping")
     p.add_argument("--image-field", nargs="?", const="images", default=None, metavar="FIELD",
                    help="store image paths from this record field (default name when given alone: images)")
-    p.add_argument("--text-field", default="text", help="pretrain: the field holding the text (default: text)")
+    p.add_argument("--text-field", default="text",
+                   help="pretrain/classify: the field holding the text (default: text)")
+    p.add_argument("--labels", nargs="+", default=None, metavar="NAME",
+                   help="classify: the class names in id order, or one prepared classify folder to take them from "
+                        "(default: the sorted string labels of the input, or its int labels)")
     p.add_argument("--chunk-lines", type=int, default=256, help="lines per work unit (default 256)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
+
+
+def _labels(values: list[str] | None):
+    """``--labels``: one existing folder → that folder, else the names."""
+    return values[0] if values and len(values) == 1 and os.path.isdir(values[0]) else values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                         template_kwargs=args.template_kwargs, reasoning_history=args.reasoning_history,
                         max_length=args.max_length, workers=args.workers, skip_bad=args.skip_bad,
                         image_field=args.image_field, text_field=args.text_field, progress=not args.quiet,
-                        chunk_lines=args.chunk_lines)
+                        chunk_lines=args.chunk_lines, labels=_labels(args.labels))
     except (DataError, ValueError, FileNotFoundError, OSError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2

@@ -25,13 +25,13 @@ from ..parallel.ds_config import (DsActivationCheckpointingConfig, DsBf16Config,
                                   DsZero3Config, DsZeROConfig)
 from .optim import DataLoaderConfig, LoRAConfig, LossConfig, OptimConfig
 from .rl import AdaptiveKLConfig, GRPOConfig, PPOConfig
-from .stages import DPOConfig, KDConfig, PretrainConfig, RewardConfig, SFTConfig
+from .stages import ClassifyConfig, DPOConfig, KDConfig, PretrainConfig, RewardConfig, SFTConfig
 from .train import TrainConfig
 
 EvalConfig = GenerateConfig   # the original library's name for the type of ``TrainConfig.eval_config``
 
 __all__ = [
-    "AdaptiveKLConfig", "ConfigMixin", "DPOConfig", "DataLoaderConfig", "EvalConfig", "KDConfig", "LoRAConfig",
+    "AdaptiveKLConfig", "ClassifyConfig", "ConfigMixin", "DPOConfig", "DataLoaderConfig", "EvalConfig", "KDConfig", "LoRAConfig",
     "LossConfig", "OptimConfig", "PPOConfig", "PretrainConfig", "RewardConfig", "SFTConfig", "GRPOConfig",
     "TrainConfig", "dict_to_toml", "load_dict", "ModelConfig", "MoEConfig", "RoPEScalingConfig", "GenerateConfig",
     "DsConfig", "DsZeROConfig", "DsZero0Config", "DsZero1Config", "DsZero2Config", "DsZero3Config",

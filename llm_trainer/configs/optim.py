@@ -177,9 +177,17 @@ class LoRAConfig(ConfigMixin):
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Suffixes of the linear layers that get adapters."""
+    quantize_base: str | None = None
+    """QLoRA: store the frozen base linear weights as 'nf4' or 'int8' (needs the ``quant`` extra); None = full."""
+    trainable_token_rows_from: int | None = None
+    """Vocabulary extension: also train the embedding (and untied head) rows from this token id on, next to the
+    adapters (the new tokens' rows; the old rows stay frozen). None → off."""
 
     def __post_init__(self) -> None:
         int_ge(self, "r", 1)
+        if self.quantize_base is not None:
+            one_of(self, "quantize_base", ("nf4", "int8"))
+        int_ge(self, "trainable_token_rows_from", 0, allow_none=True)
         num_ge(self, "alpha", 0.0, strict=True)
         prob(self, "dropout")
         if isinstance(self.target_modules, str):

@@ -51,7 +51,7 @@ class GRPOConfig(ConfigMixin):
     """Cap on the unclipped ratio of negative-advantage tokens (INTELLECT-2; > 1, None → off)."""
     loss_importance_sampling_level: str = "token"
     """'token' (GRPO) or 'sequence' (GSPO; use much smaller eps, e.g. 3e-4/4e-4)."""
-    scale_rewards: str = "group"
+    scale_rewards: str | bool = "group"
     """Divide advantages by the reward std of the 'group' (GRPO), the 'batch', or 'none' (Dr. GRPO);
     True/False are accepted for 'group'/'none'."""
     filter_zero_variance_groups: bool = False

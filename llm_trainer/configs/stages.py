@@ -1,4 +1,5 @@
-"""Settings of the supervised stages: pretraining, SFT (with distillation), DPO and reward models."""
+"""Settings of the supervised stages: pretraining, SFT (with distillation), DPO, reward models and sequence
+classification."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -162,3 +163,46 @@ class RewardConfig(ConfigMixin):
         num_ge(self, "center_rewards_coef", 0.0, allow_none=True)
 
 
+
+
+CLASSIFY_TRAINABLE = ("all", "head", "last_blocks")
+
+
+@dataclass(kw_only=True)
+class ClassifyConfig(ConfigMixin):
+    """Sequence classification: a linear head on the last real token's hidden state, trained with (class-weighted)
+    cross-entropy; the loss unit is the sample."""
+
+    num_labels: int | None = None
+    """Number of classes (None → the training data's meta.json; set it to check the data against it)."""
+    label_names: list[str] | None = None
+    """Class names in id order (None → the training data's; written to the export's id2label)."""
+    class_weights: list[float] | None = None
+    """Weight of each class's samples in the loss, sum_i w[y_i]·CE_i over the samples (None → all 1)."""
+    trainable: str = "all"
+    """What trains besides the head: 'all' (the whole backbone; with TrainConfig.lora its adapters), 'head' (the head
+    only) or 'last_blocks' (the last trainable_blocks decoder blocks and the final norm)."""
+    trainable_blocks: int = 1
+    """Decoder blocks trained when trainable='last_blocks', counted from the top."""
+    gradient_accumulation_steps: int | None = None
+    """Deprecated alias of TrainConfig.gradient_accumulation_steps (a different value in both raises)."""
+
+    def __post_init__(self) -> None:
+        int_ge(self, "num_labels", 1, allow_none=True)
+        one_of(self, "trainable", CLASSIFY_TRAINABLE)
+        int_ge(self, "trainable_blocks", 1)
+        int_ge(self, "gradient_accumulation_steps", 1, allow_none=True)
+        if self.label_names is not None:
+            self.label_names = [str(n) for n in self.label_names]
+            check(len(set(self.label_names)) == len(self.label_names) and self.label_names,
+                  "ClassifyConfig.label_names", self.label_names, "must be distinct names")
+            check(self.num_labels in (None, len(self.label_names)), "ClassifyConfig.label_names", self.label_names,
+                  f"has {len(self.label_names)} names for num_labels={self.num_labels}")
+        if self.class_weights is not None:
+            self.class_weights = list(self.class_weights)
+            check(all(is_num(w) and w >= 0 for w in self.class_weights) and any(self.class_weights),
+                  "ClassifyConfig.class_weights", self.class_weights, "must be non-negative numbers, not all 0")
+            n = self.num_labels if self.num_labels is not None else \
+                (len(self.label_names) if self.label_names is not None else None)
+            check(n in (None, len(self.class_weights)), "ClassifyConfig.class_weights", self.class_weights,
+                  f"has {len(self.class_weights)} entries for {n} classes")

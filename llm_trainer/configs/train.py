@@ -12,11 +12,12 @@ from ..parallel.ds_config import DsConfig
 from ..validation import check, int_ge, is_int, num_ge, one_of
 from .optim import DataLoaderConfig, LoRAConfig, LossConfig, OptimConfig
 from .rl import GRPOConfig, PPOConfig
-from .stages import DPOConfig, PretrainConfig, RewardConfig, SFTConfig
+from .stages import ClassifyConfig, DPOConfig, PretrainConfig, RewardConfig, SFTConfig
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("tensorboard", "wandb")
-STAGE_SLOTS = ("pretrain_config", "sft_config", "dpo_config", "reward_config", "grpo_config", "ppo_config")
+STAGE_SLOTS = ("pretrain_config", "sft_config", "dpo_config", "reward_config", "grpo_config", "ppo_config",
+               "classify_config")
 
 
 @dataclass(kw_only=True)
@@ -76,6 +77,8 @@ class TrainConfig(ConfigMixin):
     """Settings of GRPOTrainer."""
     reward_config: RewardConfig | None = None
     """Settings of RewardTrainer."""
+    classify_config: ClassifyConfig | None = None
+    """Settings of ClassificationTrainer."""
     loss_config: LossConfig = field(default_factory=LossConfig)
     """Loss options shared by the LM trainers."""
     lora: LoRAConfig | None = None
@@ -123,7 +126,7 @@ class TrainConfig(ConfigMixin):
                           ("optim_config", OptimConfig), ("ds_config", DsConfig), ("eval_config", GenerateConfig),
                           ("pretrain_config", PretrainConfig), ("sft_config", SFTConfig), ("dpo_config", DPOConfig),
                           ("ppo_config", PPOConfig), ("grpo_config", GRPOConfig), ("reward_config", RewardConfig),
-                          ("loss_config", LossConfig), ("lora", LoRAConfig)):
+                          ("classify_config", ClassifyConfig), ("loss_config", LossConfig), ("lora", LoRAConfig)):
             coerce_field(self, name, cls)
         int_ge(self, "n_epochs", 1)
         int_ge(self, "batch_size", 1)
@@ -195,5 +198,6 @@ class TrainConfig(ConfigMixin):
 
 
 _SLOT_CLASSES = {"pretrain_config": PretrainConfig, "sft_config": SFTConfig, "dpo_config": DPOConfig,
-                 "reward_config": RewardConfig, "grpo_config": GRPOConfig, "ppo_config": PPOConfig}
+                 "reward_config": RewardConfig, "grpo_config": GRPOConfig, "ppo_config": PPOConfig,
+                 "classify_config": ClassifyConfig}
 

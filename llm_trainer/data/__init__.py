@@ -24,7 +24,7 @@ _EXPORTS = {
     # preference pairs
     "PairDataset": "pairs", "PairCollate": "pairs", "validate_pairs": "pairs", "open_pair_dataset": "pairs",
     # prepare (the function is exported as `prepare_data`: `llm_trainer.data.prepare` is its module)
-    "prepare_data": "prepare", "PrepareStats": "prepare",
+    "prepare_data": "prepare", "PrepareStats": "reporting",
 }
 _RENAMED = {"prepare_data": "prepare"}
 

@@ -7,7 +7,7 @@ Formats (full description with field names and dtypes in ``docs/data.md``):
 - **raw** ``.bin`` (any suffix other than ``.npy``/``.jsonl``/``.pkl``): a headerless token dump; the dtype must be
   stated because the file does not record it.
 - **indexed** folder: ``meta.json`` + ``tokens.npy`` + ``offsets.npy`` (+ ``loss_mask.npy``, ``prompt_lengths.npy``,
-  answer and image columns); SFT, DPO, reward-model and RL data. Every array is loaded with ``mmap_mode='r'``.
+  ``labels.npy``, answer and image columns); SFT, DPO, reward-model, RL and classification data. Every array is loaded with ``mmap_mode='r'``.
   Written here (:class:`IndexedWriter`), read by :class:`llm_trainer.data.indexed.IndexedData`.
 - **legacy** object-array ``.npy`` / ``.pkl`` files written by other tools: only with ``allow_pickle=True``.
 
@@ -36,7 +36,7 @@ __all__ = [
 
 INDEXED_FORMAT = "llm_trainer.indexed"
 INDEXED_VERSION = 1
-INDEXED_STAGES = ("sft", "dpo", "reward", "rl")
+INDEXED_STAGES = ("sft", "dpo", "reward", "rl", "classify")
 _NPY_MAGIC = b"\x93NUMPY"
 _PICKLE_WHY = ("it holds Python objects, and loading those unpickles them, which can run arbitrary code. Pass "
                "allow_pickle=True only for files you trust, or better, convert them once with prepare_data into "
@@ -395,7 +395,8 @@ class IndexedWriter:
             shutil.rmtree(self._tmp) if self._tmp.is_dir() else self._tmp.unlink()
         self._tmp.mkdir()
         self._seq = _RaggedColumn(self._tmp, "tokens.npy", "offsets.npy", self.dtype)
-        self._mask = NpyWriter(self._tmp / "loss_mask.npy", np.uint8) if stage != "rl" else None
+        self._mask = NpyWriter(self._tmp / "loss_mask.npy", np.uint8) if stage in ("sft", "dpo", "reward") else None
+        self._label = NpyWriter(self._tmp / "labels.npy", np.int64) if stage == "classify" else None
         self._prompt_len = NpyWriter(self._tmp / "prompt_lengths.npy", np.int32) if stage in ("dpo", "reward") \
             else None
         self._ans = _RaggedColumn(self._tmp, "answer_tokens.npy", "answer_offsets.npy", self.dtype) \
@@ -404,7 +405,7 @@ class IndexedWriter:
             if self.has_answers else None
         self._img = _RaggedColumn(self._tmp, "images.npy", "images_offsets.npy", np.uint8) if has_images else None
         self._buf: dict[str, list] = {k: [] for k in ("seq", "seq_len", "mask", "plen", "ans", "ans_len", "txt",
-                                                      "txt_len", "img", "img_len")}
+                                                      "txt_len", "img", "img_len", "label")}
         self._buffered = 0
         self._closed = False
 
@@ -494,6 +495,20 @@ class IndexedWriter:
             raise ValueError("this writer was created without has_answers=True")
         self._extras(images)
 
+    def add_classify(self, input_ids: Any, label: int) -> None:
+        """A classification record: the text's token ids and its class id (``labels.npy``, int64)."""
+        if self.stage != "classify":
+            raise ValueError(f"add_classify on a {self.stage!r} writer")
+        ids = self._ids(input_ids, "input_ids")
+        if ids.size == 0:
+            raise DataError("empty text (no tokens)", record=self.num_records, field="input_ids")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+            raise DataError(f"label must be a non-negative int, got {label!r}", record=self.num_records,
+                            field="label")
+        self._seq_add(ids, None)
+        self._buf["label"].append(int(label))
+        self._extras(None)
+
     def append_block(self, tokens: np.ndarray, lengths: np.ndarray, *, records: int, loss_mask: np.ndarray,
                      prompt_lengths: np.ndarray, answer_tokens: np.ndarray, answer_lengths: np.ndarray,
                      answer_text: np.ndarray, answer_text_lengths: np.ndarray, images: np.ndarray,
@@ -529,14 +544,16 @@ class IndexedWriter:
             self._ans_text.append(np.concatenate(b["txt"]), np.asarray(b["txt_len"]))
         if self._img is not None and b["img_len"]:
             self._img.append(np.concatenate(b["img"]), np.asarray(b["img_len"]))
+        if self._label is not None and b["label"]:
+            self._label.write(np.asarray(b["label"], np.int64))
         for v in b.values():
             v.clear()
         self._buffered = 0
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def _columns(self):
-        return [c for c in (self._seq, self._mask, self._prompt_len, self._ans, self._ans_text, self._img)
-                if c is not None]
+        return [c for c in (self._seq, self._mask, self._prompt_len, self._ans, self._ans_text, self._img,
+                            self._label) if c is not None]
 
     def close(self) -> Path:
         """Finish the files, write ``meta.json`` and move the folder to its final name. Returns the path."""
@@ -551,7 +568,7 @@ class IndexedWriter:
             "num_sequences": self.num_records * (2 if self.stage in ("dpo", "reward") else 1),
             "num_tokens": self.num_tokens, "token_dtype": self.dtype.name, "vocab_size": self.vocab_size,
             "max_token_id": self.max_token_id, "has_loss_mask": self._mask is not None,
-            "has_answers": self.has_answers, "has_images": self.has_images,
+            "has_answers": self.has_answers, "has_images": self.has_images, "has_labels": self._label is not None,
         }
         meta.update({k: v for k, v in self.meta.items() if k not in meta})
         with open(self._tmp / "meta.json", "w", encoding="utf-8") as f:

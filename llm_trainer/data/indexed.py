@@ -144,6 +144,8 @@ class IndexedData:
         a["loss_mask"] = MappedArray(mask) if mask is not None else None
         pl = arr("prompt_lengths.npy", self.stage in ("dpo", "reward"), length=self.num_records)
         a["prompt_lengths"] = MappedArray(pl) if pl is not None else None
+        labels = arr("labels.npy", self.stage == "classify", length=self.num_records)
+        a["labels"] = MappedArray(labels) if labels is not None else None
         if self.meta.get("has_answers"):
             for v, o in (("answer_tokens.npy", "answer_offsets.npy"), ("answer_text.npy", "answer_text_offsets.npy")):
                 vv, oo = ragged(v, o, self.num_records)
@@ -177,6 +179,13 @@ class IndexedData:
     def prompt_length(self, r: int) -> int:
         pl = self._open()["prompt_lengths"]
         return 0 if pl is None else (pl.item(r) if isinstance(pl, MappedArray) else int(pl[r]))
+
+    def label(self, r: int) -> int:
+        """The class id of classification record ``r`` (``labels.npy``)."""
+        labels = self._open().get("labels")
+        if labels is None:
+            raise DataError(f"{self.stage!r} data has no labels", file=self.path)
+        return labels.item(r)
 
     def _bytes(self, values: str, offsets: str, r: int) -> bytes:
         a = self._open()

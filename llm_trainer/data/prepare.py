@@ -9,7 +9,9 @@ Input records (one JSON object per line; blank lines are ignored):
 - ``dpo`` / ``reward``: ``{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}`` →
   indexed folder with chosen/rejected sequences, loss masks and prompt lengths;
 - ``rl``: ``{"prompt": str | messages[, "answer": str | number]}`` → indexed folder of prompts ending in the
-  generation prompt, with the reference answer's ids and text.
+  generation prompt, with the reference answer's ids and text;
+- ``classify``: ``{"text": str, "label": str | int}`` → indexed folder with a class id per record
+  (:mod:`llm_trainer.data.classify`, which also maps string labels to ids).
 
 An optional image column (``image_field``: a path or a list of paths per record) is stored with the indexed data;
 the text must hold one image placeholder token per path.
@@ -25,97 +27,22 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from llm_trainer.data.formats import DataError, IndexedWriter, NpyWriter, replace_path, token_dtype
 from llm_trainer.data.provenance import tokenizer_record, write_flat_meta
 from llm_trainer.data.records import RecordEncoder, encode_chunk, init_worker
+from llm_trainer.data.reporting import PrepareStats, Progress
 
 __all__ = ["prepare", "PrepareStats", "STAGES"]
 
-STAGES = ("pretrain", "sft", "dpo", "reward", "rl")
+STAGES = ("pretrain", "sft", "dpo", "reward", "rl", "classify")
 
 
-@dataclass
-class PrepareStats:
-    """What :func:`prepare` wrote. ``documents``: records written; ``truncated``: records cut to ``max_length``;
-    ``skipped``: bad records (and empty files) skipped with ``skip_bad``; ``dropped``: records that could not be kept
-    within ``max_length`` (an RL/DPO prompt already too long, or an SFT sample with no trained token left)."""
-
-    stage: str
-    output: str
-    inputs: list[str]
-    documents: int = 0
-    tokens: int = 0
-    truncated: int = 0
-    skipped: int = 0
-    dropped: int = 0
-    seconds: float = 0.0
-    skipped_examples: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        rate = self.documents / self.seconds if self.seconds > 0 else 0.0
-        trate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        return (f"wrote {self.output} ({self.stage}): {self.documents:,} documents, {self.tokens:,} tokens, "
-                f"{self.truncated:,} truncated, {self.skipped:,} skipped, {self.dropped:,} dropped in "
-                f"{self.seconds:.1f}s ({rate:,.0f} docs/s, {trate:,.0f} tokens/s)")
-
-
-# ================================================================================================ progress
-class _Progress:
-    """A small stderr progress line: percent of input bytes, documents, docs/s, tokens/s."""
-
-    def __init__(self, stage: str, total_bytes: int, enabled: bool, stream=None):
-        self.stage, self.total, self.enabled = stage, max(total_bytes, 1), enabled
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
-        self.last = 0.0
-        self.done_bytes = self.docs = self.tokens = 0
-        self.shown: tuple[int, int] | None = None  # (bytes, docs) of the last line written
-
-    def update(self, nbytes: int, docs: int, tokens: int, force: bool = False) -> None:
-        self.done_bytes += nbytes
-        self.docs += docs
-        self.tokens += tokens
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not force and now - self.last < (0.2 if self.tty else 10.0) or self.shown == (self.done_bytes, self.docs):
-            return
-        self.last, self.shown = now, (self.done_bytes, self.docs)
-        dt = max(now - self.t0, 1e-9)
-        frac = min(self.done_bytes / self.total, 1.0)
-        width = 24
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        line = (f"prepare_data {self.stage} [{bar}] {frac * 100:5.1f}% | {self.docs:,} docs | "
-                f"{self.docs / dt:,.0f} docs/s | {_human(self.tokens / dt)} tokens/s | {dt:.0f}s")
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """Write the final line, unless the last line written already shows the final state."""
-        if self.enabled:
-            self.update(0, 0, 0, force=True)
-            if self.tty:
-                self.stream.write("\n")
-                self.stream.flush()
-
-
-def _human(x: float) -> str:
-    for unit in ("", "k", "M", "G"):
-        if abs(x) < 1000:
-            return f"{x:.1f}{unit}" if unit else f"{x:.0f}"
-        x /= 1000
-    return f"{x:.1f}T"
-
-
-# ================================================================================================== driver
 def _read_jobs(files: Sequence[str], chunk_lines: int, empty: list[str]) -> Iterator[tuple[tuple, int]]:
     """((file, first line number, lines), bytes) chunks; files without a single record are listed in ``empty``."""
     for f in files:
@@ -190,16 +117,22 @@ def prepare(stage: str, tokenizer: Any, inputs: str | os.PathLike | Sequence[str
             output: str | os.PathLike, *, template: str | None = None, template_kwargs: dict | None = None,
             reasoning_history: str = "template", max_length: int | None = None,
             workers: int = 1, skip_bad: bool = False, image_field: str | None = None, text_field: str = "text",
-            progress: bool = True, chunk_lines: int = 256, progress_stream=None) -> PrepareStats:
+            progress: bool = True, chunk_lines: int = 256, progress_stream=None, labels=None) -> PrepareStats:
     """Tokenise jsonl ``inputs`` for ``stage`` into ``output`` (a ``.npy`` file for pretrain — ``.npy`` is appended
     when missing — else an indexed folder). ``tokenizer``: a :class:`~llm_trainer.tokenizer.Tokenizer` or a path.
     ``template``: chat template name or Jinja source (default: the tokenizer's). ``template_kwargs``: template
     variables (e.g. ``{"enable_thinking": False}``). ``reasoning_history``: ``template``/``keep``/``drop`` (see
     :mod:`llm_trainer.chat.turns`). ``max_length``: truncate longer samples (pretrain:
-    documents, EOS included). ``workers``: processes (1 = in this process). Returns :class:`PrepareStats`."""
+    documents, EOS included). ``workers``: processes (1 = in this process). ``labels``: classify only (class names or a
+    prepared folder to take them from). Returns :class:`PrepareStats`."""
     t0 = time.perf_counter()
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage == "classify":   # batched in-process tokenising and the class-label mapping: llm_trainer.data.classify
+        from .classify import prepare_classify
+        return prepare_classify(tokenizer, inputs, output, labels=labels, template=template, max_length=max_length,
+                                skip_bad=skip_bad, text_field=text_field, progress=progress, chunk_lines=chunk_lines,
+                                progress_stream=progress_stream)
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     if workers < 1:
@@ -243,7 +176,7 @@ def prepare(stage: str, tokenizer: Any, inputs: str | os.PathLike | Sequence[str
             "sources": [os.path.abspath(f) for f in files],
             "max_length": max_length}
     sink = _Sink(stage, out_path, tokenizer, meta, has_images=image_field is not None)
-    bar = _Progress(stage, sum(os.path.getsize(f) for f in files), progress, progress_stream)
+    bar = Progress(stage, sum(os.path.getsize(f) for f in files), progress, progress_stream)
     enc_args = (tokenizer, stage, template, max_length, image_field, text_field, template_kwargs, reasoning_history)
 
     def consume(r: dict, nbytes: int) -> None:

@@ -336,10 +336,16 @@ class LlmModel(nn.Module):
     # ------------------------------------------------------------------ HF folders
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> LlmModel:
-        """Load a HF-format folder (config.json + safetensors); see `llm_trainer.model.hf`."""
-        from .hf import from_pretrained
+        """Load a HF-format folder (config.json + safetensors; see `llm_trainer.model.hf`): built on the meta device
+        (no random init), allocated on CPU in ``dtype`` (default: torch's default dtype), weights loaded; returned
+        in eval mode, like HF."""
+        from .hf import load_hf_state_dict, read_config
 
-        return from_pretrained(path, dtype=dtype)
+        with torch.device("meta"):
+            model = cls(read_config(path))
+        model = model.to(dtype or torch.get_default_dtype()).to_empty(device="cpu")
+        load_hf_state_dict(model, path)
+        return model.eval()
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
         """Write a HF-format folder atomically; see `llm_trainer.model.hf`."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data.collate import pad_with_mask
 from .config import ModelConfig
+from .heads import LastTokenHead, head_kwargs, last_token_index
 from .llm import LlmModel
 
 __all__ = ["RewardModel", "last_token_index", "HEAD_FILE", "REWARD_CONFIG_FILE"]
@@ -23,15 +24,9 @@ HEAD_FILE = "reward_head.safetensors"
 REWARD_CONFIG_FILE = "reward_config.json"
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of the last real token of each row (left or right padding): ``[B]``."""
-    L = attention_mask.shape[-1]
-    pos = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=-1).values.clamp(min=0)
-
-
 class RewardModel(nn.Module):
-    """``backbone`` (an :class:`LlmModel`) + ``score_head`` ``Linear(hidden, 1)`` read at the last real token.
+    """``backbone`` (an :class:`LlmModel`) + ``score_head`` (a one-output :class:`~.heads.LastTokenHead` with a bias,
+    the pooling and head of :class:`~.heads.SequenceClassifier`) read at the last real token.
 
     ``forward(input_ids, attention_mask=None, **kw)`` → scores ``[B]`` (float32). Parameter names:
     ``backbone.*`` and ``score_head.{weight,bias}``."""
@@ -42,27 +37,16 @@ class RewardModel(nn.Module):
             backbone = LlmModel(backbone)
         self.backbone = backbone
         self.config = backbone.config
-        w = next(backbone.parameters())
-        self.score_head = nn.Linear(self.config.hidden_size, 1, bias=True, dtype=w.dtype,
-                                    device=w.device if w.device.type != "meta" else None)
-        std = head_init_std if head_init_std is not None else 1.0 / (self.config.hidden_size + 1) ** 0.5
-        with torch.no_grad():
-            nn.init.normal_(self.score_head.weight, std=std)
-            nn.init.zeros_(self.score_head.bias)
+        self.score_head = LastTokenHead(self.config.hidden_size, 1, bias=True, init_std=head_init_std,
+                                        **head_kwargs(backbone))
 
     # --------------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             return_hidden_states=True, **kwargs)
-        h = out.hidden_states
-        if attention_mask is None:
-            idx = torch.full((h.shape[0],), h.shape[1] - 1, device=h.device, dtype=torch.long)
-        else:
-            idx = last_token_index(attention_mask)
-        last = h[torch.arange(h.shape[0], device=h.device), idx]
         self._aux_loss = out.aux_loss
-        return self.score_head(last).squeeze(-1).float()
+        return self.score_head.read(out.hidden_states, attention_mask).squeeze(-1).float()
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.backbone.flops_per_token(seq_len)

@@ -178,15 +178,17 @@ class Backend(ABC):
         """Yield a plain module with full weights for generation/eval (collective under ZeRO-3)."""
         yield self.unwrap(model)
 
-    def full_state_dict(self, model: torch.nn.Module | None = None, *,
-                        fp32_master: bool = False) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, model: torch.nn.Module | None = None, *, fp32_master: bool = False,
+                        copy: bool = True) -> dict[str, torch.Tensor]:
         """Full CPU state dict on the main rank, ``{}`` elsewhere. Collective: call on every rank.
         ``fp32_master``: the optimizer's fp32 master weights where they differ from the module's (DeepSpeed
-        bf16/fp16); torch backends keep fp32 parameters, so it changes nothing there."""
+        bf16/fp16); torch backends keep fp32 parameters, so it changes nothing there. ``copy=False``: tensors
+        already on the CPU are returned as (detached) views of the live parameters, not copies — for a caller
+        that only reads them right away, such as an export (no second copy of the model in memory)."""
         if not self.is_main:
             self.barrier()
             return {}
-        sd = {k: v.detach().to("cpu", copy=True) for k, v in self.unwrap(model).state_dict().items()}
+        sd = {k: v.detach().to("cpu", copy=copy) for k, v in self.unwrap(model).state_dict().items()}
         self.barrier()
         return sd
 

@@ -26,6 +26,7 @@ an optimizer) over a model built partitioned; ``output_projection`` gathers the 
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -83,6 +84,7 @@ class DeepSpeedBackend(Backend):
         if not dist.is_initialized():
             ensure_rendezvous_env(env)
             self._owns_group = True
+            atexit.register(self.close)     # a live gloo group at interpreter exit can abort the process
         deepspeed.init_distributed(dist_backend=self.dist_backend, auto_mpi_discovery=False,
                                    rank=env.rank, world_size=env.world_size, verbose=False)
         self.engine = None
@@ -299,13 +301,14 @@ class DeepSpeedBackend(Backend):
             return None
         return offload
 
-    def full_state_dict(self, model: torch.nn.Module | None = None, *,
-                        fp32_master: bool = False) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, model: torch.nn.Module | None = None, *, fp32_master: bool = False,
+                        copy: bool = True) -> dict[str, torch.Tensor]:
         """Full CPU state dict on the main rank (``{}`` elsewhere); collective, call on every rank.
 
         Default: the model's own dtype (bf16 under bf16 training, fp32 otherwise); under ZeRO-3 each parameter is
         gathered in turn, so no rank ever holds the whole model twice. ``fp32_master=True``: the optimizer's fp32
-        master weights instead (what the next step starts from), via ``safe_get_full_fp32_param``.
+        master weights instead (what the next step starts from), via ``safe_get_full_fp32_param``. Always copies
+        (``copy`` is accepted for the Backend signature: gathered parameters are released after use).
         """
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param

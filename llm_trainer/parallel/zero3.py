@@ -60,8 +60,9 @@ def gathered_projection(model: nn.Module, weight: nn.Parameter, bias: nn.Paramet
     """``project(hidden) = hidden @ W^T (+ b)`` from one gather of the ZeRO-3 head (collective)."""
     import deepspeed
     params = [weight] if bias is None else [weight, bias]
-    trained = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-    anchor = _empty_call(_owner(model, weight), weight, device) if trained else torch.empty(0, device=device)
+    # the anchor call also settles DeepSpeed's prefetcher: it may have the head in flight (it follows the module
+    # order of earlier steps, which include this call), and a gather over an in-flight parameter is refused
+    anchor = _empty_call(_owner(model, weight), weight, device)
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         full = _GatheredHead.apply(anchor, *params)
     w, b = full[0], (full[1] if bias is not None else None)

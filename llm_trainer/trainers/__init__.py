@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 
 _CLASSES = {"pretrain": ("pretrain", "Trainer"), "sft": ("sft", "SFTTrainer"), "dpo": ("dpo", "DPOTrainer"),
-            "reward": ("reward", "RewardTrainer"), "grpo": ("grpo", "GRPOTrainer"), "ppo": ("ppo", "PPOTrainer")}
+            "reward": ("reward", "RewardTrainer"), "grpo": ("grpo", "GRPOTrainer"), "ppo": ("ppo", "PPOTrainer"),
+            "classify": ("classify", "ClassificationTrainer")}
 STAGE_TYPES = tuple(_CLASSES)
 
 
 def trainer_class(stage: str) -> type:
-    """The trainer class of a stage type ('pretrain', 'sft', 'dpo', 'reward', 'grpo', 'ppo')."""
+    """The trainer class of a stage type ('pretrain', 'sft', 'dpo', 'reward', 'grpo', 'ppo', 'classify')."""
     if stage not in _CLASSES:
         raise ValueError(f"unknown stage type {stage!r}; one of {STAGE_TYPES}")
     module, name = _CLASSES[stage]

@@ -39,6 +39,7 @@ from ..metrics import MetricsLogger, estimate_mfu, peak_flops_for_device, peak_m
 from ..optim import build_optimizer
 from ..scheduler import WarmupCosineScheduler
 from .callbacks import Callback, CallbackList
+from .callbacks_builtin import reporting_callbacks
 from .checkpointing import CheckpointingMixin
 from .collective import even_batches, rank_shard
 from .images import eval_generation_inputs, pixel_provider
@@ -124,7 +125,8 @@ class BaseTrainer(CheckpointingMixin):
         cfg = self.config
         self.backend = build_backend(cfg.ds_config, cfg.dtype, cfg.output_dir)
         self.device = self.backend.device
-        self.callbacks = CallbackList(self._callbacks, self.backend)
+        self.callbacks = CallbackList(self._callbacks + reporting_callbacks(cfg.report_to, self._callbacks),
+                                      self.backend)
         self.prepare_output_dir()
         seed_everything(cfg.seed)                       # identical model init on every rank
         self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.chat_template, cfg.chat_template_kwargs)
@@ -146,9 +148,7 @@ class BaseTrainer(CheckpointingMixin):
         if resume_rng is not None:
             self.restore_rng(resume_rng)
         self.metrics = MetricsLogger(self.output_dir, self.backend.is_main, total_steps=self.total_steps,
-                                     report_to=cfg.report_to, run_name=cfg.run_name,
-                                     resume_step=self.global_step if self.resumed_from else None,
-                                     config=_safe_config_dict(cfg))
+                                     resume_step=self.global_step if self.resumed_from else None)
         self._peak_flops = peak_flops_for_device(self.device)
         self.metrics.print(format_summary(self))
 
@@ -331,8 +331,9 @@ class BaseTrainer(CheckpointingMixin):
                     break
             if cfg.save_interval and saved != self.global_step:
                 self.save_checkpoint()
-            if (cfg.eval_interval or self.evaluators) and evaluated != self.global_step:
-                last.update(self.evaluate())
+            if evaluated != self.global_step and (self.eval_dataset is not None or self.eval_prompts
+                                                  or self.evaluators):
+                last.update(self.evaluate())                 # eval_interval=None: only here, at the end
             final = self.export()
             callbacks("on_train_end", self, last)
             self.metrics.print(format_closing(self, last, time.monotonic() - t_start, final))
@@ -565,9 +566,3 @@ class BaseTrainer(CheckpointingMixin):
         return export_model(self.backend, self.model, self.output_dir / "final", self.tokenizer,
                             adapters=lora_target, config=self.model_config)
 
-
-def _safe_config_dict(cfg: TrainConfig) -> dict | None:
-    try:
-        return cfg.to_dict()
-    except Exception:  # noqa: BLE001 - configs holding callables/datasets are logged without them
-        return None

@@ -10,6 +10,7 @@ checkpoint or an evaluation. Events, in order::
 
 Rank-aware: a callback runs on the main rank only unless its ``main_process_only`` is False. Requests are agreed
 over ranks (any rank's request holds for all), so a stop requested on rank 0 stops every rank at the same step.
+Built-in callbacks (early stopping, TensorBoard / W&B reporting): :mod:`.callbacks_builtin`.
 """
 from __future__ import annotations
 

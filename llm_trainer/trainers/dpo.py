@@ -131,7 +131,8 @@ class DPOTrainer(PairwiseTrainer):
         self.reference: Reference | None = None
         if self.stage_config.needs_reference:
             self.reference = build_reference(self.backend, self.backend.unwrap(self.model),
-                                             self.stage_config.ref_model_weights_path)
+                                             self.stage_config.ref_model_weights_path,
+                                             "DPOConfig.ref_model_weights_path")
 
     # ------------------------------------------------------------------------------------------ data
     def collate(self, items: list[dict]) -> dict:

@@ -31,7 +31,7 @@ class LanguageModelingTrainer(BaseTrainer):
         kd.check_teacher()
         if kd.teacher_model_path is not None:
             path = kd.teacher_model_path
-            config = resolve_model_config(None, path)
+            config = resolve_model_config(None, path, what="KDConfig.teacher_model_path")
             self.teacher = self.backend.frozen_replica(build=lambda: load_model(config, path))
 
     def teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor:

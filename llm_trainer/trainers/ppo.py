@@ -44,7 +44,7 @@ from .collective import global_max
 from .rl import RLTrainer
 from .rollout import build_sequences, disable_stochasticity
 from ..model.hf import set_default_file_mode
-from .setup import build_model, export_model, write_model_folder
+from .setup import build_model, export_model, require_path, write_model_folder
 
 __all__ = ["PPOTrainer", "PolicyValueModel"]
 
@@ -97,6 +97,7 @@ class PPOTrainer(RLTrainer):
         policy = super().build_model()
         backbone = None
         if not sc.value_head_on_policy:
+            require_path(sc.value_model_weights_path, "PPOConfig.value_model_weights_path")
             # the policy's initial weights (the same seed gives the same random init), or the value weights
             backbone = build_model(self.model_config, self.backend,
                                    weights=sc.value_model_weights_path or cfg.init_weights_path, lora=cfg.lora,

@@ -45,10 +45,12 @@ class Reference:
             module.destroy()
 
 
-def build_reference(backend, policy: nn.Module, weights_path: str | None) -> Reference:
-    """The reference for ``policy`` (the plain module, before any update): see the module docstring."""
+def build_reference(backend, policy: nn.Module, weights_path: str | None,
+                    what: str = "ref_model_weights_path") -> Reference:
+    """The reference for ``policy`` (the plain module, before any update): see the module docstring. ``what``
+    names the setting ``weights_path`` came from."""
     if weights_path is not None:
-        config = resolve_model_config(getattr(policy, "config", None), weights_path)
+        config = resolve_model_config(getattr(policy, "config", None), weights_path, what=what)
         return Reference(frozen=backend.frozen_replica(build=lambda: load_model(config, weights_path)))
     if has_lora(policy):
         return Reference(policy=policy)

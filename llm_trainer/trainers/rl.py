@@ -98,7 +98,8 @@ class RLTrainer(BaseTrainer):
         self.reference: Reference | None = None
         if self.stage_config.needs_reference:
             self.reference = build_reference(self.backend, self.policy_plain(),
-                                             self.stage_config.ref_model_weights_path)
+                                             self.stage_config.ref_model_weights_path,
+                                             f"{type(self.stage_config).__name__}.ref_model_weights_path")
 
     # -------------------------------------------------------------------------------------------------- data
     def build_dataset(self, files: Any, split: str):

@@ -59,12 +59,21 @@ def _is_vlm_folder(path: str | None) -> bool:
     return json.loads((Path(path) / "config.json").read_text()).get("model_type") == VLM_MODEL_TYPE
 
 
-def resolve_model_config(model_config: ModelConfig | None, weights: str | None, loss_config: Any = None) -> ModelConfig:
+def require_path(path: str | None, what: str) -> None:
+    """Raise ``FileNotFoundError`` naming the setting ``what`` when ``path`` is set but does not exist."""
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+
+
+def resolve_model_config(model_config: ModelConfig | None, weights: str | None, loss_config: Any = None,
+                         what: str = "TrainConfig.init_weights_path") -> ModelConfig:
     """An HF-format ``weights`` folder brings its own architecture; otherwise ``model_config``.
 
     A saved VLM folder gives its `VLMConfig`. With a `VLMConfig` and an LLM folder as ``weights``, the VLM config
     is kept and the folder initialises its language model (see :func:`load_weights`). ``loss_config``'s MoE
-    coefficients (``LossConfig.moe_aux_loss_coef`` / ``moe_z_loss_coef``) override the model's for this run."""
+    coefficients (``LossConfig.moe_aux_loss_coef`` / ``moe_z_loss_coef``) override the model's for this run.
+    ``what`` names the setting ``weights`` came from, for the error when it does not exist."""
+    require_path(weights, what)
     if _is_vlm_folder(weights):
         from ..model.vlm import VLMConfig
         config = VLMConfig.from_pretrained_dir(weights)
@@ -124,6 +133,12 @@ def build_model(config: ModelConfig, backend, *, weights: str | None = None, lor
         from ..model.lora import apply_lora
         apply_lora(lora_target(model), r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                    target_modules=lora.target_modules)
+        if lora.quantize_base is not None:
+            from ..model.quant import quantize_base
+            quantize_base(lora_target(model), lora.quantize_base)
+        if lora.trainable_token_rows_from is not None:
+            from ..model.vocab import train_new_token_rows
+            train_new_token_rows(lora_target(model), lora.trainable_token_rows_from)
     if gradient_checkpointing is not False and hasattr(model, "set_gradient_checkpointing"):
         model.set_gradient_checkpointing(True, layers=checkpointed_layers(gradient_checkpointing))
     return model
@@ -186,7 +201,7 @@ def export_model(backend, model: torch.nn.Module, path: Path, tokenizer=None, *,
     path)`` (default: an HF-format LLM/VLM folder of ``config``), and the tokenizer. Returns ``path`` (None on
     other ranks)."""
     from ..model.lora import has_lora, save_lora
-    state = backend.full_state_dict(model)
+    state = backend.full_state_dict(model, copy=False)     # read-only here: no second copy of the model
     if not backend.is_main:
         return None
     plain = backend.unwrap(model)
