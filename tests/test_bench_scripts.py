@@ -98,6 +98,83 @@ def test_model_folder_loads_in_transformers_with_equal_logits(tmp_path):
     assert tok(common.as_words([2, 7, 255]), add_special_tokens=False)["input_ids"] == [2, 7, 255]
 
 
+# ------------------------------------------------------------------------------------- scale.py and gpu_report.py
+def _run(task="sft", side="ours", cpu=1.0, step=2.0, peak=100 << 20, imports=10 << 20, tokens=64, **kw) -> dict:
+    """One results.jsonl record as vs_trl.py + scale.py write it."""
+    return dict(task=task, size="tiny", seq=64, batch=1, gc=True, dtype="fp32", side=side, step_s=[step, step + 1],
+                step_cpu_s=[cpu, cpu], peak_rss=peak, import_rss=imports, cuda_peak=None, tokens_per_step=tokens, **kw)
+
+
+def test_scale_schedule_alternates_the_sides_and_resumes():
+    import scale
+    pts = [("sft", "tiny", 64, True), ("dpo", "tiny", 64, False)]
+    todo = scale.schedule(pts, 3, [], batch=1, dtype="fp32")
+    assert [(t, rep, side) for t, _, _, _, rep, side in todo] == [
+        ("sft", 0, "ours"), ("sft", 0, "trl"), ("sft", 1, "trl"), ("sft", 1, "ours"), ("sft", 2, "ours"),
+        ("sft", 2, "trl"), ("dpo", 0, "ours"), ("dpo", 0, "trl"), ("dpo", 1, "trl"), ("dpo", 1, "ours"),
+        ("dpo", 2, "ours"), ("dpo", 2, "trl")]
+    done = [_run(side="ours"), _run(side="trl"), _run(side="trl", error="boom")]   # a failed run is measured again
+    left = scale.schedule(pts[:1], 2, done, batch=1, dtype="fp32")
+    assert [(rep, side) for *_, rep, side in left] == [(1, "trl"), (1, "ours")]
+    assert len(scale.schedule(pts[:1], 2, done, batch=2, dtype="fp32")) == 4      # another batch: another point
+
+
+def test_scale_summary_ratios_are_ratios_of_the_medians():
+    import scale
+    recs = [_run(side="ours", cpu=c, step=c, peak=p << 20) for c, p in ((1.0, 100), (3.0, 300), (2.0, 200))]
+    recs += [_run(side="trl", cpu=c, step=2 * c, peak=p << 20) for c, p in ((4.0, 400), (8.0, 500))]
+    recs += [_run(task="dpo", side="ours"), _run(task="dpo", side="trl", error="Traceback\nValueError: bad\n")]
+    recs += [_run(task="grpo", side="trl")]
+    rows = scale.summarize(recs)
+    assert [r["task"] for r in rows] == ["sft", "dpo", "grpo"]                     # vs_trl.TASKS order
+    sft = rows[0]
+    assert sft["ours"]["runs"] == 3 and sft["trl"]["runs"] == 2
+    assert sft["cpu_ratio"] == pytest.approx(2.0 / 6.0)                          # median 2 / median(4, 8)
+    assert sft["time_ratio"] == pytest.approx(2.5 / 12.5)                        # median of the runs' medians
+    assert sft["mem_ratio"] == pytest.approx(200 / 450)
+    assert sft["above_ratio"] == pytest.approx((200 - 10) / (450 - 10))
+    assert "cpu_ratio" not in rows[1] and rows[1]["errors"] == ["trl: ValueError: bad"]
+    table = scale.markdown(rows).splitlines()
+    assert len({line.count("|") for line in table}) == 1                         # every row has every column
+    assert table[2].startswith("| sft | tiny | 64 | on | 1.00–3.00 | 4.00–8.00 | **0.33×** | 0.20× | 100–300 | "
+                               "400–500 | **0.44×** | 0.43× | 3+2 |")
+    assert "failed: trl: ValueError: bad" in table[3] and "incomplete (one side only)" in table[4]
+
+
+def test_gpu_report_renders_every_part(tmp_path):
+    import gpu_report
+    (tmp_path / "a_tiny.json").write_text(json.dumps(dict(
+        size="125M", params=121.9e6, seq=2048, batch=16, mode="loop", compile=False, dtype="bf16", step_s=[0.5],
+        tokens_per_s=65536.0, flops_per_token=1e9, peak_flops=989e12, mfu=0.4123, peak_memory=3 << 30)))
+    (tmp_path / "scale").mkdir()
+    runs = [_run("sft_packed", "ours", step=1.0, tokens=1000, peak=1 << 30),
+            _run("sft_packed", "trl", step=2.0, tokens=1000, peak=2 << 30), _run("sft", "ours")]
+    (tmp_path / "scale" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    var = dict(tokens_per_s=300.0, peak_above_weights=1 << 30)
+    (tmp_path / "c_generate.json").write_text(json.dumps(dict(
+        params=20e6, batch=8, new_tokens=16, dtype="bf16",
+        variants={"default": var, "static": {**var, "tokens_per_s": 600.0}, "transformers.generate": var})))
+    (tmp_path / "c_rollout.json").write_text(json.dumps(dict(
+        prompts=2, group=2, prompt_len=16, new_tokens=8, variants={"shared": var, "repeat": var})))   # hf failed
+    (tmp_path / "status.txt").write_text("a_tiny: ok (3s)\nc_rollout: FAILED, exit 1 (2s)\n")
+    (tmp_path / "device.txt").write_text("device: NVIDIA H200\n")
+    assert gpu_report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "summary.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert text.startswith("device: NVIDIA H200") and len({line.count("|") for line in table}) == 1
+    assert len(table) == 2 + 1 + 2 + 2 + 2                                       # head, a, b ×2, c generate ×2, rollout ×2
+    assert "MFU **41.2 %**" in text and "3.00 GiB" in text
+    assert "| (b) SFT with packing, tiny, rows of 64, batch 1, fp32 (1+1 runs) | 667 tok/s | trl 400 tok/s | " \
+           "**1.67×** | 1.00 GiB vs trl 2.00 GiB |" in text             # tokens / median step ([1, 2] vs [2, 3])
+    assert "(b) SFT, tiny, rows of 64, batch 1, fp32 | incomplete: one side only" in text
+    assert ": static | 600 tok/s | transformers 300 tok/s | **2.00×** |" in text
+    assert "ours (shared prefill) | 300 tok/s | transformers: missing |" in text
+    assert "c_rollout: FAILED" in text
+    merged = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(merged) == {"a_tiny.json", "c_generate.json", "c_rollout.json", "scale_runs"}
+    assert len(merged["scale_runs"]) == 3
+
+
 # ---------------------------------------------------------------------------------------------- the scripts
 @pytest.mark.slow
 def test_scale_smoke_measures_both_sides(tmp_path):
@@ -140,11 +217,15 @@ def test_gpu_sh_cpu_fallback_runs_every_part(tmp_path):
     out = subprocess.run(["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     summary = (out_dir / "summary.md").read_text()
-    for part in ("a_mfu_tiny: ok", "a_mfu_tiny_trainer: ok", "b_sft_packed: ok", "c_generate: ok",
+    for part in ("a_mfu_tiny: ok", "a_mfu_tiny_trainer: ok", "b_sft_packed: ok", "c_generate: ok", "c_rollout: ok",
                  "e_packed_attention: ok"):
         assert part in summary
-    assert "(a) pretrain tiny" in summary and "(b) SFT with packing" in summary and "(c) greedy generate" in summary
+    assert summary.startswith("device: no CUDA")
+    for row in ("(a) pretrain tiny", "(b) SFT with packing, tiny, rows of 128, batch 2, fp32 (1+1 runs)",
+                "(c) greedy generate", "(c) GRPO rollout"):
+        assert row in summary
     results = json.loads((out_dir / "results.json").read_text())
-    assert {"a_tiny.json", "a_tiny_trainer.json", "b_sft_packed.json", "c_generate.json"} <= set(results)
+    assert {"a_tiny.json", "a_tiny_trainer.json", "c_generate.json", "c_rollout.json"} <= set(results)
+    assert sorted(r["side"] for r in results["scale_runs"]) == ["ours", "trl"]
     assert results["a_tiny.json"]["mfu"] is None and results["a_tiny.json"]["tokens_per_s"] > 0   # no CPU peak
     assert (out_dir / "log.txt").stat().st_size > 0

@@ -84,7 +84,7 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
         echo "install: FAILED" >> "$STATUS"
     fi
 fi
-"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG" "$RES/device.txt"
 from importlib import metadata
 import torch
 dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA (CPU fallback: tiny versions)"
@@ -107,7 +107,7 @@ if [[ "$CUDA" == "1" ]]; then
     part a_mfu_125M_trainer 75 "$PY" $B/mfu.py --size 125M --seq 2048 --mode trainer \
         --json "$RES/a_125M_2048_trainer.json"
     part b_sft_packed 150 "$PY" $B/scale.py --tasks sft_packed --sizes 125M --seqs 2048 --batch 8 --dtype bf16 \
-        --repeats 2 --steps 8 --threads 8 --timeout 70 --dir "$RES/scale" --json "$RES/b_sft_packed.json"
+        --repeats 2 --steps 8 --threads 8 --timeout 70 --dir "$RES/scale"
     part c_generate_b8 120 "$PY" $B/generate.py --device cuda --dtype bf16 --static --compile --batch 8 \
         --prompt-len 128 --new-tokens 128 --repeats 3 "${SHAPE125[@]}" --json "$RES/c_generate_b8.json"
     part c_generate_b1 90 "$PY" $B/generate.py --device cuda --dtype bf16 --static --compile --batch 1 \
@@ -126,9 +126,11 @@ else
     part a_mfu_tiny_trainer 40 "$PY" $B/mfu.py --size tiny --seq 128 --batch 4 --steps 3 --warmup 1 --mode trainer \
         --json "$RES/a_tiny_trainer.json"
     part b_sft_packed 90 "$PY" $B/scale.py --tasks sft_packed --sizes tiny --seqs 128 --batch 2 --repeats 1 \
-        --steps 2 --timeout 80 --dir "$RES/scale" --json "$RES/b_sft_packed.json"
+        --steps 2 --timeout 80 --dir "$RES/scale"
     part c_generate 40 "$PY" $B/generate.py --static --batch 2 --prompt-len 8 --new-tokens 8 --repeats 1 "${TINY[@]}" \
         --json "$RES/c_generate.json"
+    part c_rollout 50 "$PY" $B/rollout.py --device cpu --threads 1 --prompts 2 --group 2 --prompt-len 16 \
+        --new-tokens 8 --repeats 1 --skip-single --skip-grpo --json "$RES/c_rollout.json"
     part e_packed_attention 40 "$PY" $B/packed_attention.py --lengths 256 --min-doc 16 --max-doc 64 --repeats 1
 fi
 

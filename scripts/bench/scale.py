@@ -3,6 +3,7 @@ and sequence length, measured in the same run.
 
     python scripts/bench/scale.py                                  # the default grid (GRID below; hours on 2 CPUs)
     python scripts/bench/scale.py --tasks sft --sizes 20M --seqs 512 2048 --repeats 2
+    python scripts/bench/scale.py --sweep --repeats 3                # CPU: SFT over seq × size, minutes a repeat
     python scripts/bench/scale.py --smoke                          # tiny model, a few seconds per run (tests)
     python scripts/bench/scale.py --report-only --plot docs/img/scale.png   # table + plot from --results
     python scripts/bench/scale.py --tasks sft_packed --sizes 125M --seqs 2048 --batch 8 --dtype bf16   # on a GPU
@@ -47,6 +48,8 @@ GRID = (
     + [("sft", "125M", 2048, True), ("sft_lora", "125M", 2048, True)]
     + [("sft_lora", "0.5B", 2048, True), ("sft", "0.5B", 2048, True), ("sft", "125M", 8192, True)]
 )
+SWEEP = [("sft", "20M", s, True) for s in (256, 512, 1024)] + [("sft", "125M", s, True) for s in (256, 512)]
+"""``--sweep``: full SFT over sequence lengths and two model sizes, ~4 minutes a repeat on one CPU thread."""
 SMOKE = [(t, "tiny", 64, g) for t, g in (("sft", True), ("dpo", False), ("grpo", False))]   # no peft needed
 MIB = 1 << 20
 
@@ -66,36 +69,50 @@ def load_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def measure(args, points) -> None:
-    done = defaultdict(int)
-    for r in load_results(args.results):
+def schedule(points, repeats: int, records: list[dict], batch: int, dtype: str) -> list[tuple]:
+    """The runs still to do, in order: per point ``repeats`` rounds, the sides alternating ours, trl | trl, ours | ...
+    (a load trend then favours neither); a run already in ``records`` without an error is not repeated."""
+    done: dict[tuple, int] = defaultdict(int)
+    for r in records:
         if "error" not in r:                       # failed runs are measured again
             done[point_key(r) + (r["side"],)] += 1
+    runs = []
     for task, size, seq, gc in points:
+        for rep in range(repeats):
+            for side in alternate(["ours", "trl"], rep):
+                if done[(task, size, seq, batch, gc, dtype, side)] <= rep:
+                    runs.append((task, size, seq, gc, rep, side))
+    return runs
+
+
+def measure(args, points) -> None:
+    for task, size, seq, gc, rep, side in schedule(points, args.repeats, load_results(args.results), args.batch,
+                                                   args.dtype):
         folder = write_model_folder(args.dir / size, size)
         steps = args.steps or timed_steps(size, seq)
-        for rep in range(args.repeats):
-            for side in alternate(["ours", "trl"], rep):
-                meta = dict(task=task, size=size, seq=seq, batch=args.batch, gc=gc, dtype=args.dtype, side=side)
-                if done[point_key(meta) + (side,)] > rep:
-                    continue
-                cmd = [sys.executable, str(HERE / "vs_trl.py"), "--side", side, "--task", task, "--model",
-                       str(folder), "--seq", str(seq), "--batch", str(args.batch), "--steps", str(steps),
-                       "--threads", str(args.threads), "--dtype", args.dtype, "--work", str(args.dir / "work")]
-                t0 = time.time()
-                try:
-                    res = run_worker(cmd + (["--gc"] if gc else []), env=worker_env(args.threads),
-                                     timeout=args.timeout)
-                except WorkerError as e:
-                    res = {"error": str(e)[-1500:]}
-                rec = {**meta, "repeat": rep, "wall_s": time.time() - t0, "load": os.getloadavg()[0],
-                       "date": time.strftime("%Y-%m-%d %H:%M"), **res}
-                with open(args.results, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                state = f"error: {res['error'][-300:]}" if "error" in res else (
-                    f"step {median(res['step_s']):.2f} s, peak {peak(res) / MIB:.0f} MiB")
-                print(f"{task:<10} {size:>5} {seq:>5} gc={int(gc)} {side:<4} repeat {rep}: {state} "
-                      f"({rec['wall_s']:.0f} s)", flush=True)
+        meta = dict(task=task, size=size, seq=seq, batch=args.batch, gc=gc, dtype=args.dtype, side=side)
+        cmd = [sys.executable, str(HERE / "vs_trl.py"), "--side", side, "--task", task, "--model",
+               str(folder), "--seq", str(seq), "--batch", str(args.batch), "--steps", str(steps),
+               "--threads", str(args.threads), "--dtype", args.dtype, "--work", str(args.dir / "work")]
+        t0 = time.time()
+        try:
+            res = run_worker(cmd + (["--gc"] if gc else []), env=worker_env(args.threads),
+                             timeout=args.timeout)
+        except WorkerError as e:
+            res = {"error": str(e)[-1500:]}
+        rec = {**meta, "repeat": rep, "wall_s": time.time() - t0, "load": os.getloadavg()[0],
+               "date": time.strftime("%Y-%m-%d %H:%M"), **res}
+        with open(args.results, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        state = f"error: {res['error'][-300:]}" if "error" in res else (
+            f"step {median(res['step_s']):.2f} s, peak {peak(res) / MIB:.0f} MiB")
+        print(f"{task:<10} {size:>5} {seq:>5} gc={int(gc)} {side:<4} repeat {rep}: {state} "
+              f"({rec['wall_s']:.0f} s)", flush=True)
+        mine = [r for r in load_results(args.results) if point_key(r) == point_key(meta)]
+        row = summarize(mine)[0]
+        if "cpu_ratio" in row:                     # the point's ratios so far, ours / trl (medians)
+            print(f"{'':>36}ours/trl so far: CPU time {row['cpu_ratio']:.2f}×, wall {row['time_ratio']:.2f}×, "
+                  f"peak {row['mem_ratio']:.2f}× ({row['ours']['runs']}+{row['trl']['runs']} runs)", flush=True)
 
 
 def peak(r: dict) -> int:
@@ -204,6 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seqs", nargs="+", type=int, default=None)
     ap.add_argument("--no-gc", action="store_true", help="with --tasks/--sizes/--seqs: gradient checkpointing off")
     ap.add_argument("--smoke", action="store_true", help="tiny model, seq 64, sft + dpo + grpo, 1 repeat")
+    ap.add_argument("--sweep", action="store_true", help="SFT, 20M at 256/512/1024 and 125M at 256/512 (CPU)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 2 if cheap, else 1)")
@@ -218,6 +236,8 @@ def main(argv=None) -> int:
     args.results = args.results or args.dir / "results.jsonl"
     if args.smoke:
         points, args.repeats = SMOKE, 1
+    elif args.sweep:
+        points = SWEEP
     elif args.tasks or args.sizes or args.seqs:
         points = [(t, z, s, not args.no_gc) for t in (args.tasks or ["sft"]) for z in (args.sizes or ["20M"])
                   for s in (args.seqs or [512])]
