@@ -197,6 +197,7 @@ def test_scale_smoke_measures_both_sides(tmp_path):
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert {r["task"] for r in rows} == {"sft", "dpo", "grpo"} and all("mem_ratio" in r for r in rows)
     assert "| sft | tiny | 64 | on |" in out.stdout
+    assert out.stdout.count("ours/trl so far: CPU time") == 3                    # once per point, after both sides
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -195,7 +195,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
         ax.set_title(f"full SFT: {label.split(' (')[0]} vs sequence length")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=8, ncol=2)
     both = [r for r in rows if "mem_ratio" in r]
     names = [f"{r['task']} {r['size']} {r['seq']}{'' if r['gc'] else ' nc'}" for r in both]
     for ax, field, title in ((axes[1][0], "mem_ratio", "peak memory, ours / trl"),
@@ -203,8 +203,12 @@ def plot(rows: list[dict], path: Path) -> None:
         vals = [r[field] for r in both]
         ax.barh(range(len(vals)), vals, color=["tab:green" if v <= 1 else "tab:red" for v in vals])
         ax.axvline(1.0, color="black", lw=0.8)
-        ax.set_yticks(range(len(vals)), names, fontsize=6)
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.2f}×", va="center", fontsize=9)
+        ax.set_yticks(range(len(vals)), names, fontsize=9 if len(vals) <= 12 else 6)
         ax.invert_yaxis()
+        ax.set_xlim(0, max(vals + [1.0]) * 1.15)
+        ax.set_xlabel("ours / trl, ratio of the medians (below 1: ours uses less)")
         ax.set_title(title + " (green: ours better)")
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
