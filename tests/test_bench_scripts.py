@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -204,6 +205,38 @@ def test_scale_smoke_measures_both_sides(tmp_path):
 def test_gpu_sh_parses():
     out = subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def _gpu_sh_parts() -> list[tuple[str, str, list[str]]]:
+    """(part name, script, its options) of every ``part`` line of gpu.sh, both branches, arrays expanded."""
+    text = (BENCH / "gpu.sh").read_text().replace("\\\n", " ")
+    arrays = {m.group(1): m.group(2).split() for m in re.finditer(r"^\s*(\w+)=\((.*)\)$", text, re.M)}
+    parts = []
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["part"]:
+            arr = [re.fullmatch(r'"\$\{(\w+)\[@\]\}"', w) for w in words]
+            words = [w for x, a in zip(words, arr) for w in (arrays[a.group(1)] if a else [x])]
+            script = next(w.split("/")[-1] for w in words if w.endswith(".py"))
+            parts.append((words[1], script, [w for w in words if w.startswith("--")]))
+    return parts
+
+
+def test_gpu_sh_parts_pass_only_options_their_scripts_have(monkeypatch, capsys):
+    """Both branches, the CUDA one included (it cannot run here): a misspelt option would end a part at once."""
+    parts = _gpu_sh_parts()
+    names = {name for name, _, _ in parts}
+    assert {"a_mfu_125M_2k", "b_sft_packed", "c_generate_b8", "c_rollout", "e_packed_attention_flex",
+            "a_mfu_tiny", "b_sft_packed", "c_generate", "e_packed_attention"} <= names
+    assert [n for n, _, _ in parts][:4] == ["a_mfu_125M_2k", "b_sft_packed", "c_generate_b8", "c_rollout"]
+    helps = {}
+    for name, script, options in parts:
+        if script not in helps:
+            monkeypatch.setattr(sys, "argv", [script, "--help"])
+            with pytest.raises(SystemExit):
+                runpy.run_path(str(BENCH / script), run_name="__main__")
+            helps[script] = set(re.findall(r"--[\w-]+", capsys.readouterr().out))
+        assert set(options) <= helps[script], (name, set(options) - helps[script])
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@
 #     bash scripts/bench/gpu.sh            # CUDA: the full run; no CUDA: tiny versions of every part (< 2 min)
 #
 # Parts, each in its own process with its own time limit (the run stops starting parts when BUDGET_S is spent):
-#   (a) pretraining MFU: mfu.py, our LlmModel + chunked loss + our AdamW, bf16 autocast, 125M at 1k and 2k context,
-#       350M at 2k (eager), 125M through our Trainer, then 125M/350M with torch.compile if time is left;
+#   (a) pretraining MFU: mfu.py, our LlmModel + chunked loss + our AdamW, bf16 autocast, 125M at 2k context, then
+#       350M at 2k, 125M at 1k, 125M through our Trainer, 125M/350M with torch.compile as time allows;
 #   (b) SFT tokens/s with packing, ours vs trl SFTTrainer(packing=True) on the same 125M folder (scale.py);
 #   (c) generation tokens/s: greedy generate (default, static cache, compiled: generate.py --static --compile) of a
 #       125M model vs transformers.generate, and GRPO-style sampled rollouts (rollout.py) vs transformers.generate;
@@ -101,19 +101,20 @@ B="scripts/bench"
 # ------------------------------------------------------------------------------------------------------ parts
 if [[ "$CUDA" == "1" ]]; then
     SHAPE125=(--vocab 32768 --hidden 768 --intermediate 2816 --layers 12 --heads 12 --kv-heads 4 --tie)
-    part a_mfu_125M_1k 75 "$PY" $B/mfu.py --size 125M --seq 1024 --json "$RES/a_125M_1024.json"
+    # in priority order: one part of each of (a), (b), (c) first (worst case 405 s), then the rest as time allows
     part a_mfu_125M_2k 75 "$PY" $B/mfu.py --size 125M --seq 2048 --json "$RES/a_125M_2048.json"
-    part a_mfu_350M_2k 90 "$PY" $B/mfu.py --size 350M --seq 2048 --batch 8 --json "$RES/a_350M_2048.json"
-    part a_mfu_125M_trainer 75 "$PY" $B/mfu.py --size 125M --seq 2048 --mode trainer \
-        --json "$RES/a_125M_2048_trainer.json"
     part b_sft_packed 150 "$PY" $B/scale.py --tasks sft_packed --sizes 125M --seqs 2048 --batch 8 --dtype bf16 \
         --repeats 2 --steps 8 --threads 8 --timeout 70 --dir "$RES/scale"
     part c_generate_b8 120 "$PY" $B/generate.py --device cuda --dtype bf16 --static --compile --batch 8 \
         --prompt-len 128 --new-tokens 128 --repeats 3 "${SHAPE125[@]}" --json "$RES/c_generate_b8.json"
-    part c_generate_b1 90 "$PY" $B/generate.py --device cuda --dtype bf16 --static --compile --batch 1 \
-        --prompt-len 128 --new-tokens 128 --repeats 3 "${SHAPE125[@]}" --json "$RES/c_generate_b1.json"
     part c_rollout 60 "$PY" $B/rollout.py --device cuda --prompts 8 --group 8 --prompt-len 256 --new-tokens 128 \
         --repeats 3 --skip-single --skip-grpo --json "$RES/c_rollout.json"
+    part a_mfu_350M_2k 90 "$PY" $B/mfu.py --size 350M --seq 2048 --batch 8 --json "$RES/a_350M_2048.json"
+    part c_generate_b1 90 "$PY" $B/generate.py --device cuda --dtype bf16 --static --compile --batch 1 \
+        --prompt-len 128 --new-tokens 128 --repeats 3 "${SHAPE125[@]}" --json "$RES/c_generate_b1.json"
+    part a_mfu_125M_1k 75 "$PY" $B/mfu.py --size 125M --seq 1024 --json "$RES/a_125M_1024.json"
+    part a_mfu_125M_trainer 75 "$PY" $B/mfu.py --size 125M --seq 2048 --mode trainer \
+        --json "$RES/a_125M_2048_trainer.json"
     part a_mfu_125M_2k_compiled 100 "$PY" $B/mfu.py --size 125M --seq 2048 --compile \
         --json "$RES/a_125M_2048_compiled.json"
     part a_mfu_350M_2k_compiled 110 "$PY" $B/mfu.py --size 350M --seq 2048 --batch 8 --compile \
