@@ -163,7 +163,7 @@ def test_gpu_report_renders_every_part(tmp_path):
     text = (tmp_path / "out" / "summary.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert text.startswith("device: NVIDIA H200") and len({line.count("|") for line in table}) == 1
-    assert len(table) == 2 + 1 + 2 + 2 + 2                                       # head, a, b ×2, c generate ×2, rollout ×2
+    assert len(table) == 2 + 1 + 2 + 2 + 2          # head, (a), (b) ×2, (c) generate ×2, (c) rollout ×2
     assert "MFU **41.2 %**" in text and "3.00 GiB" in text
     assert "| (b) SFT with packing, tiny, rows of 64, batch 1, fp32 (1+1 runs) | 667 tok/s | trl 400 tok/s | " \
            "**1.67×** | 1.00 GiB vs trl 2.00 GiB |" in text             # tokens / median step ([1, 2] vs [2, 3])
