@@ -17,32 +17,14 @@ Time is the median wall time of ``--repeats`` forward+backward passes after the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from common import (WorkerError, emit_result, hwm_bytes, now, reset_hwm, rss_bytes, run_worker,  # noqa: E402
+                    worker_env)
 
 
 def _make_inputs(args, device, dtype):
@@ -92,22 +74,14 @@ def worker(args) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        reset = _reset_hwm()
-        base = _hwm_bytes()
-        if not reset:  # cannot reset: fall back to current RSS as the baseline
-            with open("/proc/self/statm") as f:
-                base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        base = hwm_bytes() if reset_hwm() else rss_bytes()  # cannot reset: the current RSS is the baseline
         loss = _step(args.variant, hidden, w, labels)
-        peak = _hwm_bytes() - base
+        peak = hwm_bytes() - base
     times = []
     for _ in range(args.repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = now()
         _step(args.variant, hidden, w, labels)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     grad_norm = float(w.grad.float().norm())
     return {"variant": args.variant, "peak_bytes": int(peak), "time_s": statistics.median(times), "loss": loss,
             "grad_w_norm": grad_norm}
@@ -131,7 +105,7 @@ def main(argv=None) -> int:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.variant:
-        print(json.dumps(worker(args)))
+        emit_result(worker(args))
         return 0
     variants = ["plain"] + [f"chunked:{c}" for c in args.chunk_sizes.split(",") if c]
     n_valid = args.B * (args.T - 1 - int(args.ignore_frac * args.T)) if args.ignore_frac else args.B * (args.T - 1)
@@ -142,14 +116,11 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", v] + [
             a for k, val in vars(args).items() if k != "variant" and val is not None
             for a in (f"--{k.replace('_', '-')}", str(val))]
-        # Static glibc mmap threshold: every tensor above 128 KiB is mmap-ed and unmapped on free, so freed
-        # memory leaves the RSS at once and VmHWM is the true peak (same setting for every variant).
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            print(out.stderr, file=sys.stderr)
-            return out.returncode
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        try:  # worker_env: a static glibc mmap threshold, so freed memory leaves the RSS and VmHWM is the peak
+            results.append(run_worker(cmd, env=worker_env()))
+        except WorkerError as e:
+            print(e, file=sys.stderr)
+            return 1
     base = results[0]
     print(f"{'variant':<14}{'peak MiB':>10}{'mem ratio':>11}{'time s':>9}{'time ratio':>12}{'loss':>10}")
     for r in results:

@@ -23,28 +23,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import emit_result, max_rss_bytes, rss_bytes, run_worker  # noqa: E402
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return rss_bytes() / 2**20
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return max_rss_bytes() / 2**20
 
 
 def write_file(path: str, n: int, vocab: int, seed: int = 0) -> None:
@@ -109,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--_child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
-        print(json.dumps(run_one(args._child[0], args._child[1], args.block, args.batch, args.batches, args.seed)))
+        emit_result(run_one(args._child[0], args._child[1], args.block, args.batch, args.batches, args.seed))
         return 0
 
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
@@ -124,12 +119,7 @@ def main(argv=None) -> int:
         for mode in ("mmap", "mmap+collate", "memory", "np.memmap"):
             cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, path, "--block", str(args.block),
                    "--batch", str(args.batch), "--batches", str(args.batches), "--seed", str(args.seed)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                sys.stderr.write(proc.stderr)
-                raise SystemExit(f"{mode} run failed")
-            out = proc.stdout
-            results[mode] = r = json.loads(out.strip().splitlines()[-1])
+            results[mode] = r = run_worker(cmd, env=dict(os.environ))     # the default malloc, as a user has
             print(f"  {mode:13s} {r['tokens_per_s'] / 1e6:8.1f} M tokens/s   peak RSS {r['peak_rss_mb']:7.0f} MB   "
                   f"RSS growth {r['rss_growth_mb']:7.0f} MB   (setup {r['load_seconds']:.2f}s)")
     m, c, b = results["mmap"], results["mmap+collate"], results["memory"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,9 +23,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import ROOT, max_rss_bytes  # noqa: E402
 
 CONFIGS = ["ddp", "zero1", "zero2", "zero3"]
 
@@ -158,7 +157,7 @@ def run_config(name: str, args, backend=None) -> dict:
         times.append(time.perf_counter() - t0)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in backend.unwrap().parameters())
     res = {"name": name, "world_size": world, "rank": backend.rank, "step_s": statistics.median(times[1:]),
-           "mem": mem, "params": n_params, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "mem": mem, "params": n_params, "maxrss_mb": max_rss_bytes() / 2**20}
     gathered = backend.all_gather_object(res)
     return {"name": name, "world_size": world, "step_s": max(r["step_s"] for r in gathered),
             "params": n_params, "per_rank": [r["mem"] for r in gathered],
@@ -213,7 +212,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", os.path.abspath(__file__),
            "--worker-out", out, *sys.argv[1:]]
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run(cmd, check=True, env=env)
     with open(out) as f:
         results = [base] + json.load(f)

@@ -29,41 +29,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _words(ids):
-    return " ".join(f"w{i - 2}" for i in ids)
+from common import (WorkerError, as_words, emit_result, hwm_bytes, max_rss_bytes, now, reset_hwm,  # noqa: E402
+                    rss_bytes, run_worker, word_tokenizer, worker_env)
 
 
 def make_data(args):
@@ -90,22 +62,13 @@ def make_model(args, path):
     Qwen2ForCausalLM(cfg).float().save_pretrained(path)
 
 
-def tokenizer(vocab):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    v = {"<pad>": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(vocab - 2)}}
-    tok = Tokenizer(models.WordLevel(vocab=v, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
-
-
 # ---------------------------------------------------------------------------------------------------- workers
 def run_ours(args, workdir, precompute):
     import torch
 
     from llm_trainer import DPOConfig, OptimConfig, TrainConfig
     from llm_trainer.trainers.dpo import DPOTrainer
-    _IMPORT_RSS[0] = _rss()
+    _IMPORT_RSS[0] = rss_bytes()
     items = []
     for p, c, r in make_data(args):
         ci, ri = torch.tensor(p + c + [1]), torch.tensor(p + r + [1])
@@ -122,17 +85,11 @@ def run_ours(args, workdir, precompute):
     tr = DPOTrainer(train_config=cfg)
     times = []
     for k, window in enumerate(tr.training_windows()):
-        if _cuda():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+        t = now()
         tr.train_step(window)
-        if _cuda():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        times.append(now() - t)
         if k == 0:
-            _reset_hwm()
-            if _cuda():
-                torch.cuda.reset_peak_memory_stats()
+            _after_first_step()
     return times
 
 
@@ -141,28 +98,22 @@ def run_trl(args, workdir, precompute):
     from datasets import Dataset
     from transformers import Qwen2ForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
-    _IMPORT_RSS[0] = _rss()
+    _IMPORT_RSS[0] = rss_bytes()
     rows = make_data(args)
-    data = Dataset.from_dict({"prompt": [_words(p) for p, _, _ in rows],
-                              "chosen": [" " + _words(c) for _, c, _ in rows],
-                              "rejected": [" " + _words(r) for _, _, r in rows]})
+    data = Dataset.from_dict({"prompt": [as_words(p) for p, _, _ in rows],
+                              "chosen": [" " + as_words(c) for _, c, _ in rows],
+                              "rejected": [" " + as_words(r) for _, _, r in rows]})
     model = Qwen2ForCausalLM.from_pretrained(os.path.join(workdir, "model"), dtype=torch.float32)
     times, last = [], [None]
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            if _cuda():
-                torch.cuda.synchronize()
-            last[0] = time.perf_counter()
+            last[0] = now()
 
         def on_step_end(self, a, state, control, **kw):
-            if _cuda():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - last[0])
+            times.append(now() - last[0])
             if len(times) == 1:
-                _reset_hwm()
-                if _cuda():
-                    torch.cuda.reset_peak_memory_stats()
+                _after_first_step()
 
     targs = DPOConfig(output_dir=os.path.join(workdir, f"trl{int(precompute)}"), per_device_train_batch_size=args.pairs,
                       max_steps=args.steps + 1, learning_rate=1e-5, lr_scheduler_type="constant", weight_decay=0.0,
@@ -170,7 +121,7 @@ def run_trl(args, workdir, precompute):
                       use_cpu=not _cuda(), bf16=False, fp16=False, max_length=None, save_strategy="no",
                       logging_steps=10**6, gradient_checkpointing=False, precompute_ref_log_probs=precompute,
                       dataloader_num_workers=0, disable_tqdm=True, seed=0)
-    trainer = DPOTrainer(model=model, args=targs, train_dataset=data, processing_class=tokenizer(args.vocab),
+    trainer = DPOTrainer(model=model, args=targs, train_dataset=data, processing_class=word_tokenizer(args.vocab),
                          callbacks=[Timer()])
     trainer.train()
     return times
@@ -184,21 +135,24 @@ def _cuda():
     return torch.cuda.is_available()
 
 
+def _after_first_step() -> None:
+    """The timed steps' peaks start here: VmHWM from the live RSS, the CUDA peak from the allocated memory."""
+    import torch
+    reset_hwm()
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def worker(args, which, precompute, workdir):
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     times = (run_ours if which == "ours" else run_trl)(args, workdir, precompute)
     out = {"step_s": statistics.median(times[1:]), "first_step_s": times[0], "steps": len(times),
-           "train_peak": _hwm(), "peak_rss": _peak_rss(), "import_rss": _IMPORT_RSS[0]}
+           "train_peak": hwm_bytes(), "peak_rss": max_rss_bytes(), "import_rss": _IMPORT_RSS[0]}
     if _cuda():
         out["cuda_peak"] = torch.cuda.max_memory_allocated()
-    print("RESULT " + json.dumps(out), flush=True)
-
-
-def _peak_rss() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # whole process; not reset by clear_refs
+    emit_result(out)
 
 
 def main():
@@ -221,8 +175,7 @@ def main():
 
     workdir = tempfile.mkdtemp(prefix="bench_dpo_")
     make_model(args, os.path.join(workdir, "model"))
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(args.threads),
-           "TQDM_DISABLE": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = worker_env(args.threads)
     passthrough = [f"--pairs={args.pairs}", f"--prompt-len={args.prompt_len}", f"--response-len={args.response_len}",
                    f"--hidden={args.hidden}", f"--layers={args.layers}", f"--vocab={args.vocab}",
                    f"--steps={args.steps}", f"--threads={args.threads}"]
@@ -232,13 +185,11 @@ def main():
             if args.only and which != args.only:
                 continue
             name = f"{which}{'+precompute' if pre else ''}"
-            proc = subprocess.run([sys.executable, __file__, *passthrough, "--_worker", which, str(int(pre)), workdir],
-                                  env=env, capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                print(f"{name}: FAILED (rc={proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
-                continue
-            results[name] = json.loads(line[-1][len("RESULT "):])
+            try:
+                results[name] = run_worker([sys.executable, __file__, *passthrough, "--_worker", which, str(int(pre)),
+                                            workdir], env=env)
+            except WorkerError as e:
+                print(f"{name}: FAILED {e}", file=sys.stderr)
     mib = 1 << 20
     print(f"DPO step: {args.pairs} pairs, prompt {args.prompt_len} + response <= {args.response_len} + eos tokens, "
           f"Qwen2 H={args.hidden} L={args.layers} V={args.vocab}, fp32, {args.threads} thread(s), "

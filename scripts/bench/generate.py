@@ -1,7 +1,7 @@
 """Benchmark: batched KV-cache greedy generation, llm_trainer vs transformers `generate`, same weights, one run.
 
     python scripts/bench/generate.py [--batch 8] [--prompt-len 32] [--new-tokens 64] [--repeats 5] [--threads 1] [--ragged]
-                                     [--static] [--compile] [--device cpu|cuda] [--dtype fp32|bf16]
+                                     [--static] [--compile] [--device cpu|cuda] [--dtype fp32|bf16] [--json F]
 
 Builds a ~22M-parameter Llama (random init, fixed seed) with `transformers`, saves it in HF format, loads the same
 folder with `LlmModel.from_pretrained`, and times greedy decoding of the same prompts with EOS ignored (every row
@@ -11,32 +11,37 @@ of --repeats after one warm-up each), the ratio, and how many generated tokens a
 `--static` adds `GenerateConfig(static_cache=True)` and `--compile` adds `compile=True` (static cache stepped by
 `torch.compile(mode="reduce-overhead")`: CUDA graphs on GPU), each timed in the same interleaved rounds and reported
 against both `transformers` and the default path (their warm-up call includes the compilation).
+On CUDA each variant's line also gives the most GPU memory its calls allocated above the resident weights (KV
+cache and activations; ``common.timed_rounds``); ``--json`` writes the numbers to a file.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import timed_rounds  # noqa: E402
 
 from llm_trainer.generation import GenerateConfig, generate  # noqa: E402
 from llm_trainer.model import LlmModel  # noqa: E402
 
 
 def build_hf_model(seed: int, arch: str, vocab: int = 16384, hidden: int = 384, intermediate: int = 1024,
-                   layers: int = 6, heads: int = 6, kv_heads: int = 2, tie: bool = False):
+                   layers: int = 6, heads: int = 6, kv_heads: int = 2, tie: bool = False, max_positions: int = 1024):
+    """A random-weight ``transformers`` Llama or Qwen2 (EOS off: every row generates the full length)."""
     import transformers
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
                   rms_norm_eps=1e-6, tie_word_embeddings=tie, initializer_range=0.05)
     torch.manual_seed(seed)
     if arch == "qwen2":
@@ -48,22 +53,6 @@ def build_hf_model(seed: int, arch: str, vocab: int = 16384, hidden: int = 384, 
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.eval()
-
-
-def timed_rounds(fns, repeats: int, sync=lambda: None):
-    """Run every function once per round (after one warm-up each), so that load changes on a shared machine hit
-    all alike. Returns per function: (wall times, process CPU times, last result)."""
-    results = [f() for f in fns]
-    walls, cpus = [[] for _ in fns], [[] for _ in fns]
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
-            sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            results[i] = f()
-            sync()
-            walls[i].append(time.perf_counter() - t0)
-            cpus[i].append(time.process_time() - c0)
-    return walls, cpus, results
 
 
 def main(argv=None) -> int:
@@ -88,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="also GenerateConfig(compile=True)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of both models")
+    ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,6 +91,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = torch.device(args.device)
     hf, ours = hf.to(device=device, dtype=dtype), ours.to(device=device, dtype=dtype)
+    weights = sum(p.numel() * p.element_size() for p in ours.parameters())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -131,7 +122,7 @@ def main(argv=None) -> int:
 
     fns = [functools.partial(generate, ours, prompts, cfg, eos_token_ids=[], pad_token_id=0)
            for cfg in variants.values()] + [run_hf]
-    walls, cpus, results = timed_rounds(fns, args.repeats, sync)
+    walls, cpus, results, peaks = timed_rounds(fns, args.repeats, sync)
     names = list(variants) + ["transformers.generate"]
     n_tok = args.batch * T
     hf_new = results[-1][:, P:].tolist()
@@ -142,10 +133,13 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads")
     print(f"batch {args.batch}, prompt lengths {min(lengths)}-{P}{' (left-padded)' if args.ragged else ''}, "
           f"{T} new tokens each (EOS ignored), greedy, median of {args.repeats}")
-    for name, wall, cpu in zip(names, walls, cpus):
+    report = {}
+    for name, wall, cpu, peak in zip(names, walls, cpus, peaks):
         t = statistics.median(wall)
+        mem = f", GPU memory above the weights {peak / 2**20:.0f} MiB" if peak is not None else ""
         print(f"{name:<21}: {t * 1000:8.1f} ms  {n_tok / t:8.1f} tokens/s   (process CPU time "
-              f"{statistics.median(cpu) * 1000:.0f} ms)")
+              f"{statistics.median(cpu) * 1000:.0f} ms{mem})")
+        report[name.strip()] = {"tokens_per_s": n_tok / t, "wall_s": wall, "peak_above_weights": peak}
     t_hf = statistics.median(walls[-1])
     for i, name in enumerate(names[:-1]):
         t = statistics.median(walls[i])
@@ -160,6 +154,11 @@ def main(argv=None) -> int:
         agree = sum(a == b for r_o, r_h in zip(out.completions, hf_new) for a, b in zip(r_o, r_h))
         same_rows = sum(r_o == r_h for r_o, r_h in zip(out.completions, hf_new))
         print(f"  identical generated tokens: {agree}/{n_tok} ({same_rows}/{args.batch} rows identical)")
+        report[name.strip()]["identical_tokens"] = agree
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"params": n_params, "batch": args.batch, "new_tokens": T, "device": str(device),
+                       "dtype": args.dtype, "weights_bytes": weights, "variants": report}, f, indent=1)
     return 0
 
 

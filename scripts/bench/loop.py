@@ -31,31 +31,21 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
+from common import now, step_intervals, word_tokenizer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # our trainers pick the GPU when there is one
 
 
-def now() -> float:
-    """A timestamp after the device's queued work finished."""
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def intervals(ends: list[float], warmup: int) -> float:
-    gaps = [b - a for a, b in zip(ends, ends[1:])][max(warmup - 1, 0):]
-    return statistics.median(gaps)
+    return statistics.median(step_intervals(ends, warmup))
 
 
 def model_config(args, architecture: str):
@@ -166,15 +156,6 @@ def run_ours_sft(args, work: str, round_: int) -> float:
                       sft_config=SFTConfig(mask_prompt=False))
     Timed(train_config=cfg).train()
     return intervals(ends, args.warmup)
-
-
-def word_tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    v = {"<pad>": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(vocab - 2)}}
-    tok = Tokenizer(models.WordLevel(vocab=v, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
 
 
 def run_trl_sft(args, work: str, round_: int) -> float:

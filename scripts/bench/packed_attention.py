@@ -15,17 +15,15 @@ compiled, forward and backward, at every length.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import WorkerError, emit_result, max_rss_bytes, run_worker, worker_env  # noqa: E402
 
 
 def packed_row(S: int, min_doc: int, max_doc: int, seed: int):
@@ -78,17 +76,17 @@ def child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = max_rss_bytes()
     t0 = time.perf_counter()
     loss = step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = max_rss_bytes()
     seconds = time.perf_counter() - t0
-    print(json.dumps({"peak_mb": peak / 2**20, "step_mb": (peak - base) / 2**20, "seconds": seconds,
-                      "docs": n_docs, "loss": loss}))
+    emit_result({"peak_mb": peak / 2**20, "step_mb": (peak - base) / 2**20, "seconds": seconds, "docs": n_docs,
+                 "loss": loss})
 
 
 def flex_attention_fn(doc, device):
@@ -131,11 +129,10 @@ def run_child(args, length: int, impl: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--impl", impl, "--length", str(length), "--threads", str(args.threads),
            "--min-doc", str(args.min_doc), "--max-doc", str(args.max_doc), "--seed", str(args.seed), "--device",
            args.device]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return run_worker(cmd, env=worker_env(static_mmap=False))
+    except WorkerError as e:
+        return {"error": str(e).strip().splitlines()[0]}
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,13 @@
 """Benchmark: RL rollout throughput and a GRPO step time breakdown, one run.
 
     python scripts/bench/rollout.py [--prompts 4] [--group 8] [--prompt-len 128] [--new-tokens 32] [--repeats 3]
-                                    [--threads N] [--device cpu|cuda] [--skip-grpo]
+                                    [--threads N] [--device cpu|cuda] [--skip-grpo] [--json F]
 
 Same weights everywhere: a ~22M-parameter Llama (random init, fixed seed) built with `transformers`, saved in HF
 format and loaded with `LlmModel.from_pretrained`. Sampling (temperature 1) with EOS ignored, so every sample
 generates exactly --new-tokens tokens. Rollout tokens/s = prompts × group × new tokens / wall time (prefill
-included; median of --repeats after a warm-up) for
+included; median of --repeats after a warm-up, the variants interleaved round by round; on CUDA also the GPU memory
+each allocates above the weights) for
 
 * ``shared``: ours, each prompt prefilled once and its KV cache shared by its ``group`` samples (what the trainers do);
 * ``repeat``: ours, every sample's prompt in the batch (no sharing: the prompt is prefilled group times);
@@ -19,6 +20,7 @@ with wall time split into generate / reward / old log-probs / reference log-prob
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -27,34 +29,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import timed_rounds  # noqa: E402
+from generate import build_hf_model  # noqa: E402  (scripts/bench/generate.py: its ~22M Llama)
 
 from llm_trainer.generation import GenerateConfig, generate  # noqa: E402
 from llm_trainer.model import LlmModel  # noqa: E402
-
-
-def build_hf_model(seed: int):
-    import transformers
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=16384, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
-                                   rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.05)
-    model = transformers.LlamaForCausalLM(cfg)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval()
-
-
-def median_time(fn, repeats: int, sync) -> float:
-    fn()
-    sync()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main(argv=None) -> int:
@@ -70,13 +51,14 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-single", action="store_true", help="skip the batch-1 baseline (slow)")
     ap.add_argument("--grpo-steps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the rollout numbers here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-    hf = build_hf_model(args.seed)
+    hf = build_hf_model(args.seed, "llama")
     tmp = tempfile.TemporaryDirectory()
     hf.save_pretrained(tmp.name)
     ours = LlmModel.from_pretrained(tmp.name).to(dev).eval()
@@ -109,12 +91,21 @@ def main(argv=None) -> int:
 
     print(f"device {dev}, threads {torch.get_num_threads()}, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M "
           f"params, {len(prompts)} prompts x group {G}, prompt {args.prompt_len} tokens, {T} new tokens")
-    times = {"shared": median_time(shared, args.repeats, sync), "repeat": median_time(repeat, args.repeats, sync),
-             "hf": median_time(hf_gen, args.repeats, sync)}
+    variants = {"shared": shared, "repeat": repeat, "hf": hf_gen}
     if not args.skip_single:
-        times["single"] = median_time(single, 1, sync)
-    for k, t in times.items():
-        print(f"  {k:7s} {n_tok / t:10.1f} tok/s  ({t * 1000:.0f} ms)  shared is {t / times['shared']:.2f}x faster")
+        variants["single"] = single
+    walls, _, _, peaks = timed_rounds(list(variants.values()), args.repeats, sync)  # interleaved rounds
+    times = {k: statistics.median(w) for k, w in zip(variants, walls)}
+    for k, w, p in zip(variants, walls, peaks):
+        mem = f", peak GPU memory {p / 2**20:.0f} MiB" if p is not None else ""
+        print(f"  {k:7s} {n_tok / times[k]:10.1f} tok/s  ({times[k] * 1000:.0f} ms, range {min(w) * 1000:.0f}-"
+              f"{max(w) * 1000:.0f})  shared is {times[k] / times['shared']:.2f}x faster{mem}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(dev), "prompts": len(prompts), "group": G, "prompt_len": args.prompt_len,
+                       "new_tokens": T, "variants": {k: {"tokens_per_s": n_tok / times[k], "wall_s": w,
+                                                         "peak_above_weights": p}
+                                                     for k, w, p in zip(variants, walls, peaks)}}, f, indent=1)
 
     if not args.skip_grpo:
         grpo_breakdown(tmp.name, prompts, G, T, args)
@@ -152,7 +143,7 @@ def grpo_breakdown(model_dir, prompts, G, T, args) -> None:
             if tr.device.type == "cuda":
                 torch.cuda.synchronize()
             update += time.perf_counter() - t0
-            for k, v in window[0]["stats"].items():
+            for k, v in tr.rollout_stats.items():       # the rollout these windows come from (one per step here)
                 if k.startswith("time/"):
                     totals[k[5:]] = totals.get(k[5:], 0.0) + v
             return out_
