@@ -115,7 +115,7 @@ def run_ours(args) -> dict:
     lora = LoRAConfig(r=args.r, alpha=args.alpha, target_modules=TARGETS)
     cfg = TrainConfig(init_weights_path=os.path.join(args.dir, "model"),
                       file_dataset=[os.path.join(args.dir, f"sft_{args.seq}_{args.batch}_{args.warmup + args.steps}")],
-                      dataset_block_size=args.seq, batch_size=args.batch, output_dir=os.path.join(args.dir, "ours"),
+                      dataset_block_size=args.seq, batch_size=args.batch, output_dir=os.path.join(args.dir, "ours"), overwrite_output_dir=True,
                       dtype="fp32", ds_config=None, max_steps=args.warmup + args.steps, save_interval=None,
                       eval_interval=None, log_interval=1000, max_grad_norm=1.0, seed=0, gradient_checkpointing=True,
                       lora=lora, optim_config=OptimConfig(initial_lr=1e-4, enable_lr_scheduler=False, weight_decay=0.0),
