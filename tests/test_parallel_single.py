@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_scripts"))
-from common import MICRO, TinyLM, init_state, make_optimizer, max_diff, reference_run, train_steps  # noqa: E402
+from dist_common import MICRO, TinyLM, init_state, make_optimizer, max_diff, reference_run, train_steps  # noqa: E402
 
 from llm_trainer.parallel import DsConfig, SingleBackend, get_backend, normalize_dtype  # noqa: E402
 from llm_trainer.parallel.env import DistEnv, read_env  # noqa: E402

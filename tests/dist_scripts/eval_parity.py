@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import write_json  # noqa: E402
+from dist_common import write_json  # noqa: E402
 
 MC_ITEMS = [{"prompt": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1), str(abs(a - b))], "answer": 0}
             for a, b in ((3, 4), (5, 2), (1, 1), (6, 3), (2, 7))]

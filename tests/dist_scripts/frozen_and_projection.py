@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from common import max_diff, rel_update_error, train_steps, write_json  # noqa: E402
+from dist_common import max_diff, rel_update_error, train_steps, write_json  # noqa: E402
 from llm_trainer.model import LlmModel, ModelConfig  # noqa: E402
 from llm_trainer.parallel import DsConfig, DsZero2Config, DsZero3Config, get_backend  # noqa: E402
 
@@ -283,7 +283,7 @@ def scenario_auto(kind: str, init_hidden: bool, workdir: str, tag: str) -> dict:
 def scenario_auto_unresolved(kind: str, _unused, workdir: str, tag: str) -> dict:
     """A model without ``config.hidden_size`` under the default 'auto' sizes: ``wrap`` refuses (DeepSpeed's
     defaults would silently keep a small model unpartitioned) unless ``hidden_size=`` is given."""
-    from common import TinyLM
+    from dist_common import TinyLM
     backend = make_backend("z3", reduce_bucket_size="auto")
     with backend.model_init_context():
         model = TinyLM()

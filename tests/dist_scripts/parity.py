@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (MICRO, TinyLM, greedy, init_state, make_optimizer, max_diff, reference_run,  # noqa: E402
+from dist_common import (MICRO, TinyLM, greedy, init_state, make_optimizer, max_diff, reference_run,  # noqa: E402
                     rel_update_error, train_steps, write_json)
 from llm_trainer.parallel import (DsConfig, DsZero0Config, DsZero1Config, DsZero2Config,  # noqa: E402
                                   DsZero3Config, get_backend)

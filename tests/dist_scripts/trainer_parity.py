@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import write_json  # noqa: E402
+from dist_common import write_json  # noqa: E402
 
 STEPS, STOP, MICRO_PER_RANK, GA, BLOCK = 4, 2, 2, 2, 16
 SMALL = dict(reduce_bucket_size=50_000, allgather_bucket_size=50_000)

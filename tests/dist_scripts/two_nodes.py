@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (MICRO, TinyLM, init_state, make_optimizer, max_diff, reference_run,  # noqa: E402
+from dist_common import (MICRO, TinyLM, init_state, make_optimizer, max_diff, reference_run,  # noqa: E402
                     train_steps, write_json)
 from llm_trainer.parallel import DsConfig, DsZero2Config, get_backend  # noqa: E402
 
