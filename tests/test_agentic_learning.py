@@ -11,8 +11,14 @@ measured (this CPU, seeds 0 / 1 / 2, 10 steps, 64 problems; two code states, see
                     reward 0.000 -> 0.500 / 0.531 / 0.453, correct tool calls 0.016 -> 0.625 / 0.688 / 0.547
   without the tool: reward 0.000 -> 0.000 (no reward variance: nothing to learn from)
 
-The assertions (gain >= 0.1 in reward and >= 0.15 in correct tool calls per seed, the tool-less run below 0.05)
-sit well inside the measured range.
+Over kernel paths (after the merge; 1 thread with ATEN_CPU_CAPABILITY=default and =avx2, and this CPU's own
+avx512 path with 2 threads), seeds 0 / 1 / 2:
+  avx512/2:  reward gain 0.500 / 0.531 / 0.453, correct-tool-call gain 0.609 / 0.672 / 0.531
+  default/1: reward gain 0.531 / 0.438 / 0.407, correct-tool-call gain 0.688 / 0.625 / 0.578
+  avx2/1:    reward gain 0.625 / 0.093 / 0.234, correct-tool-call gain 0.750 / 0.281 / 0.500
+  without the tool the reward stays 0.000 everywhere.
+Asserted, about half the worst of each: reward gain >= 0.04 per seed and >= 0.15 as the mean over the seeds
+(worst mean 0.317), correct-tool-call gain >= 0.14 per seed (worst 0.281), the tool-less run below 0.05.
 """
 from __future__ import annotations
 
@@ -40,8 +46,13 @@ def test_rl_raises_the_reward_and_the_rate_of_correct_tool_calls(tmp_path, capsy
                 print(f"\n{key}: reward {r['before'][0]:.3f} -> {r['after'][0]:.3f}, correct tool calls "
                       f"{r['before'][1]:.3f} -> {r['after'][1]:.3f}")
     assert results["warmup"][-1][1] >= 0.9                       # the warm-up reached its solve rate
+    # floors at about half the worst value measured over 3 kernel paths (module docstring): per seed the reward
+    # gain is noisy (0.093 at worst), its mean over the seeds is not (0.317 at worst)
+    reward_gains = []
     for seed in (0, 1, 2):
         tool, no_tool = results[f"tool/{seed}"], results[f"no_tool/{seed}"]
-        assert tool["after"][0] >= tool["before"][0] + 0.1, (seed, tool)
-        assert tool["after"][1] >= tool["before"][1] + 0.15, (seed, tool)
-        assert no_tool["after"][0] < 0.05 and tool["after"][0] >= no_tool["after"][0] + 0.1, (seed, no_tool)
+        reward_gains.append(tool["after"][0] - tool["before"][0])
+        assert reward_gains[-1] >= 0.04, (seed, tool)
+        assert tool["after"][1] >= tool["before"][1] + 0.14, (seed, tool)
+        assert no_tool["after"][0] < 0.05 and tool["after"][0] >= no_tool["after"][0] + 0.04, (seed, no_tool)
+    assert sum(reward_gains) / 3 >= 0.15, reward_gains
