@@ -2,8 +2,8 @@
 
 The safety net for refactors (torchtune pins per-recipe loss values the same way): a change to the loop, a loss, the
 data path or the model that alters what a trainer computes shows up here. Each trace is 6 optimizer steps of
-``(loss, grad_norm)``. On the machine and torch build that recorded them (``tests/data/loss_traces.json`` stores
-the fingerprint) the values must be **bit-identical**; elsewhere (another CPU's kernels order float sums
+``(loss, grad_norm)``. On the machine, torch build, kernel set and thread count that recorded them
+(``tests/data/loss_traces.json`` stores the fingerprint) the values must be **bit-identical**; elsewhere (another CPU's kernels order float sums
 differently) they must agree to ``rtol=1e-4``, far tighter than any real change to the maths moves them.
 
 Re-record after a change whose new values are right (say why in the commit):
@@ -38,7 +38,8 @@ def fingerprint() -> str:
                 break
     except OSError:
         pass
-    return f"{platform.machine()}|{cpu or platform.processor()}|torch {torch.__version__}"
+    return (f"{platform.machine()}|{cpu or platform.processor()}|torch {torch.__version__}"
+            f"|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()} threads")
 
 
 def _pairs(n: int = 24, seed: int = 0, vocab: int = 96) -> list[dict]:
