@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,9 @@ def test_quickstart_tiny_runs_every_stage(tmp_path, capsys):
     assert {"preference_accuracy_before", "preference_accuracy_after"} <= set(results["dpo"])
     assert {"sampled_reward_before", "sampled_reward_after"} <= set(results["grpo"])
     printed = capsys.readouterr().out
-    assert "sft done → held-out chat_accuracy" in printed
+    assert re.search(r"torch \S+ on \d+ CPU threads?, \w+ kernels", printed)         # what the run used
+    assert re.search(r"sft done in \d+s → held-out chat_accuracy", printed)            # each stage's time
+    assert all(res["seconds"] >= 0 for res in results.values())
     LlmModel.from_pretrained(out / "grpo" / "final")   # the last export loads
 
 
@@ -74,3 +77,41 @@ def test_wrong_answers_are_never_right_or_negative():
             for _ in range(20):
                 w = wrong_answer(Problem(a, b), rng)
                 assert w >= 0 and w != a + b
+
+
+def test_sft_demonstrations_drop_the_carry_at_the_asked_rate(tmp_path):
+    """``carry_slip``: only carry problems' SFT answers slip, by exactly -10 and at about the asked rate; pairs, RL
+    answers and held-out answers stay right, and ``carry_slip=0`` writes the same files as before."""
+    from llm_trainer.quickstart.task import Problem, write_task_files
+    files = write_task_files(tmp_path / "slip", seed=0, max_operand=49, pretrain_repeats=1, carry_slip=0.75)
+    slips = {True: [], False: []}
+    for line in files["sft"].read_text().splitlines():
+        rec = json.loads(line)
+        a, b = map(int, rec["messages"][0]["content"][:-2].split("+"))
+        got, p = int(rec["messages"][1]["content"]), Problem(a, b)
+        assert got in (p.answer, p.answer - 10)
+        slips[p.carries].append(got != p.answer)
+    assert not any(slips[False])
+    assert 0.70 < sum(slips[True]) / len(slips[True]) < 0.80, sum(slips[True]) / len(slips[True])
+    for name in ("dpo", "rl", "test"):
+        for line in files[name].read_text().splitlines():
+            rec = json.loads(line)
+            a, b = map(int, rec["prompt"][0]["content"][:-2].split("+"))
+            assert int(rec.get("chosen", rec.get("answer"))) == a + b
+    clean = write_task_files(tmp_path / "clean", seed=0, max_operand=49, pretrain_repeats=1)
+    default = write_task_files(tmp_path / "default", seed=0, max_operand=49, pretrain_repeats=1, carry_slip=0.0)
+    assert all(clean[k].read_bytes() == default[k].read_bytes() for k in clean)
+    assert clean["dpo"].read_bytes() == files["dpo"].read_bytes()     # the slip draws from its own RNG
+
+
+def test_quickstart_stages_continue_from_an_earlier_runs_export(tmp_path):
+    """``--stages dpo`` after a pretrain+SFT run starts DPO from that run's SFT export, not from a new model."""
+    import torch
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--size", "tiny", "--output", str(out), "--stages", "pretrain,sft"]) == 0
+    assert main(["quickstart", "--size", "tiny", "--output", str(out), "--stages", "dpo"]) == 0
+    assert list(json.loads((out / "results.json").read_text())) == ["dpo"]
+    sft = LlmModel.from_pretrained(out / "sft" / "final").state_dict()
+    dpo = LlmModel.from_pretrained(out / "dpo" / "final").state_dict()
+    # two DPO updates at lr 1e-4 move a weight by ~1e-4; a freshly initialised model would differ by ~1e-1
+    assert max(float((sft[k] - dpo[k]).abs().max()) for k in sft) < 1e-2

@@ -26,6 +26,11 @@ class Problem:
     def question(self) -> str:
         return f"{self.a}+{self.b}=?"
 
+    @property
+    def carries(self) -> bool:
+        """Whether the units digits carry into the tens (the step a careless adder forgets)."""
+        return self.a % 10 + self.b % 10 >= 10
+
 
 def split_problems(max_operand: int = 49, test_fraction: float = 0.1, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
     """All ``a+b`` with ``0 ≤ a, b ≤ max_operand``, split into disjoint train and held-out sets."""
@@ -65,9 +70,19 @@ def write_jsonl(path: Path, records) -> int:
     return n
 
 
-def write_task_files(out: Path, seed: int = 0, max_operand: int = 49, pretrain_repeats: int = 4) -> dict[str, Path]:
-    """Write every stage's jsonl into ``out`` and return their paths."""
+def demonstrated_answer(p: Problem, rng: random.Random, carry_slip: float) -> int:
+    """The SFT demonstration's answer: right, except that a share ``carry_slip`` of carry problems drops the carry
+    (``27+15`` → ``32``), the classic slip of a careless adder."""
+    return p.answer - 10 if carry_slip and p.carries and rng.random() < carry_slip else p.answer
+
+
+def write_task_files(out: Path, seed: int = 0, max_operand: int = 49, pretrain_repeats: int = 4,
+                     carry_slip: float = 0.0) -> dict[str, Path]:
+    """Write every stage's jsonl into ``out`` and return their paths. ``carry_slip`` > 0 makes the SFT
+    demonstrations imperfect (see `demonstrated_answer`); pretraining text, preference pairs, RL answers and the
+    held-out answers stay right."""
     rng = random.Random(seed)
+    slip_rng = random.Random(seed + 1)
     train, test = split_problems(max_operand, seed=seed)
     files = {
         "pretrain": out / "pretrain.jsonl",
@@ -77,8 +92,8 @@ def write_task_files(out: Path, seed: int = 0, max_operand: int = 49, pretrain_r
         "test": out / "test.jsonl",
     }
     write_jsonl(files["pretrain"], ({"text": t} for t in pretrain_lines(train, rng, pretrain_repeats)))
-    write_jsonl(files["sft"], ({"messages": chat_prompt(p) + [{"role": "assistant", "content": str(p.answer)}]}
-                               for p in train))
+    write_jsonl(files["sft"], ({"messages": chat_prompt(p) + [
+        {"role": "assistant", "content": str(demonstrated_answer(p, slip_rng, carry_slip))}]} for p in train))
     write_jsonl(files["dpo"], ({"prompt": chat_prompt(p), "chosen": str(p.answer),
                                 "rejected": str(wrong_answer(p, rng))} for p in train))
     write_jsonl(files["rl"], ({"prompt": chat_prompt(p), "answer": str(p.answer)} for p in train))
