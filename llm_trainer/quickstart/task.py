@@ -1,6 +1,9 @@
 """The synthetic arithmetic task: ``a+b`` with two-digit operands, as text, chat, preference pairs and RL prompts.
 
 Held-out problems are operand pairs never seen in any training file, so accuracy measures generalisation.
+Operands may be written zero-padded to a fixed width (``07+15=?``): every digit then sits at a fixed distance from
+the answer, which a small model finds far sooner and more reliably than digits whose position depends on the other
+operand's length.
 """
 from __future__ import annotations
 
@@ -17,14 +20,21 @@ SYSTEM = "You add numbers."
 class Problem:
     a: int
     b: int
+    width: int = 1
+    """Digits each operand is written with (zero-padded); 1 writes them plainly."""
 
     @property
     def answer(self) -> int:
         return self.a + self.b
 
     @property
+    def operands(self) -> tuple[str, str]:
+        return f"{self.a:0{self.width}d}", f"{self.b:0{self.width}d}"
+
+    @property
     def question(self) -> str:
-        return f"{self.a}+{self.b}=?"
+        a, b = self.operands
+        return f"{a}+{b}=?"
 
     @property
     def carries(self) -> bool:
@@ -32,10 +42,13 @@ class Problem:
         return self.a % 10 + self.b % 10 >= 10
 
 
-def split_problems(max_operand: int = 49, test_fraction: float = 0.1, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
-    """All ``a+b`` with ``0 ≤ a, b ≤ max_operand``, split into disjoint train and held-out sets."""
+def split_problems(max_operand: int = 49, test_fraction: float = 0.1, seed: int = 0,
+                   pad_operands: bool = False) -> tuple[list[Problem], list[Problem]]:
+    """All ``a+b`` with ``0 ≤ a, b ≤ max_operand``, split into disjoint train and held-out sets
+    (``pad_operands``: written zero-padded to the width of ``max_operand``)."""
     rng = random.Random(seed)
-    problems = [Problem(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    width = len(str(max_operand)) if pad_operands else 1
+    problems = [Problem(a, b, width) for a in range(max_operand + 1) for b in range(max_operand + 1)]
     rng.shuffle(problems)
     n_test = max(1, int(len(problems) * test_fraction))
     return problems[n_test:], problems[:n_test]
@@ -50,7 +63,8 @@ def pretrain_lines(problems: list[Problem], rng: random.Random, repeats: int) ->
     out = []
     for _ in range(repeats):
         for p in problems:
-            out.append(rng.choice(forms).format(a=p.a, b=p.b, c=p.answer))
+            a, b = p.operands
+            out.append(rng.choice(forms).format(a=a, b=b, c=p.answer))
     rng.shuffle(out)
     return out
 
@@ -77,13 +91,13 @@ def demonstrated_answer(p: Problem, rng: random.Random, carry_slip: float) -> in
 
 
 def write_task_files(out: Path, seed: int = 0, max_operand: int = 49, pretrain_repeats: int = 4,
-                     carry_slip: float = 0.0) -> dict[str, Path]:
+                     carry_slip: float = 0.0, pad_operands: bool = False) -> dict[str, Path]:
     """Write every stage's jsonl into ``out`` and return their paths. ``carry_slip`` > 0 makes the SFT
     demonstrations imperfect (see `demonstrated_answer`); pretraining text, preference pairs, RL answers and the
-    held-out answers stay right."""
+    held-out answers stay right. ``pad_operands``: see `split_problems`."""
     rng = random.Random(seed)
     slip_rng = random.Random(seed + 1)
-    train, test = split_problems(max_operand, seed=seed)
+    train, test = split_problems(max_operand, seed=seed, pad_operands=pad_operands)
     files = {
         "pretrain": out / "pretrain.jsonl",
         "sft": out / "sft.jsonl",
