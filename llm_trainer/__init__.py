@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **{name: "llm_trainer.configs" for name in (
         "TrainConfig", "OptimConfig", "PretrainConfig", "SFTConfig", "DPOConfig", "PPOConfig", "GRPOConfig",
-        "RewardConfig", "KDConfig", "LossConfig", "LoRAConfig", "DataLoaderConfig", "AdaptiveKLConfig")},
+        "RewardConfig", "ClassifyConfig", "KDConfig", "LossConfig", "LoRAConfig", "DataLoaderConfig", "AdaptiveKLConfig")},
     **{name: "llm_trainer.parallel.ds_config" for name in (
         "DsConfig", "DsZero0Config", "DsZero1Config", "DsZero2Config", "DsZero3Config", "DsOffloadConfig",
         "DsFp16Config", "DsBf16Config", "DsActivationCheckpointingConfig", "DsFlopsProfilerConfig")},
@@ -27,10 +27,14 @@ _EXPORTS = {
     "SFTTrainer": "llm_trainer.trainers.sft",
     "DPOTrainer": "llm_trainer.trainers.dpo",
     "RewardTrainer": "llm_trainer.trainers.reward",
-    "RewardModel": "llm_trainer.trainers.reward",
+    "RewardModel": "llm_trainer.model.reward",
+    "ClassificationTrainer": "llm_trainer.trainers.classify",
+    "SequenceClassifier": "llm_trainer.model.heads",
     "GRPOTrainer": "llm_trainer.trainers.grpo",
     "PPOTrainer": "llm_trainer.trainers.ppo",
     "run_pipeline": "llm_trainer.pipeline",
+    **{name: "llm_trainer.evaluation" for name in (
+        "Evaluator", "GenerationTask", "MultipleChoiceTask", "PerplexityTask")},
 }
 
 

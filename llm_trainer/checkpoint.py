@@ -1,35 +1,37 @@
-"""Crash-safe training checkpoints.
+"""Crash-safe, verifiable training checkpoints — the one checkpoint format of llm_trainer.
 
-Layout of ``output_dir/checkpoint-<step>/``::
+A checkpoint is a folder ``output_dir/checkpoint-<step>/`` holding what its writer puts there (the training loop's
+layout is described in ``trainers/checkpointing.py``) plus ``checkpoint.json``, the manifest, written last: format
+version, step, and every file's size and SHA-256. A folder without a manifest is incomplete and never used.
 
-    model.safetensors   model weights (tied/shared tensors stored once; aliases in the metadata)
-    optimizer.pt        optimizer state dict (torch.save of tensors and plain containers)
-    trainer_state.pt    step, scheduler state, data position, RNG states, extra (plain containers only)
-    checkpoint.json     written last: format version, step, file list — a directory without it is incomplete
-    ...                 anything a backend writes through `write_fn` (e.g. DeepSpeed shards)
+Atomic: everything is written into ``output_dir/.tmp-step-<step>``, each file and directory is fsynced, the
+manifest is written, and only then the folder is renamed to ``checkpoint-<step>`` (and the parent fsynced). A process
+killed at any point leaves either the complete new checkpoint or no new checkpoint; old checkpoints are renamed to
+``.trash-*`` before they are deleted, so a kill during rotation never leaves a half-deleted ``checkpoint-*``.
+:func:`clean_partial` removes the leftovers of killed saves (the loop calls it at start-up and before each save).
 
-Atomicity: everything is written into ``output_dir/.tmp-step-<step>``, each file is fsynced, the directory is
-fsynced, and only then renamed to ``checkpoint-<step>`` (and the parent fsynced). A process killed at any point
-leaves either the complete new checkpoint or no new checkpoint; `latest_checkpoint` ignores ``.tmp-*`` and
-``.trash-*`` directories and anything without ``checkpoint.json``. Old checkpoints are first renamed to
-``.trash-*`` and then deleted, so a kill during rotation never leaves a half-deleted ``checkpoint-*``.
-Stale temporary directories from a killed run are removed by the next save.
+Verifiable: :func:`verify_checkpoint` re-hashes the files against the manifest (truncation, a flipped bit, a missing
+file); :func:`resumable_checkpoint` returns the newest intact checkpoint of a folder and what was wrong with the
+newer ones it skipped.
 
-Loading uses ``torch.load(weights_only=True)``; everything we save is of the types it accepts (RNG states are
-converted to tensors/ints). Pass ``allow_pickle=True`` only for files you trust that hold other objects.
+Disk space: :func:`begin_checkpoint` refuses to start when the disk has less free room than ``needed_bytes`` (the loop
+passes the size of the previous checkpoint), raising :class:`CheckpointSpaceError` that names the folder, the bytes
+needed and the bytes free; a save that still hits ENOSPC is aborted (:func:`abort_checkpoint`) and the last good
+checkpoint stays as it was.
 
-Multi-process use (one shared directory): rank 0 calls `begin_checkpoint`, all ranks write into the returned
-temp dir (barrier), rank 0 calls `commit_checkpoint`.
+Loading uses ``torch.load(weights_only=True)``: everything saved here is tensors and plain containers (RNG states are
+converted to tensors/ints), so nothing is unpickled.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,19 +40,29 @@ import torch
 from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save_file as safetensors_save_file
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "begin_checkpoint", "commit_checkpoint", "capture_rng_states", "restore_rng_states",
-           "save_model_state", "load_model_state"]
+__all__ = ["latest_checkpoint", "list_checkpoints", "resumable_checkpoint", "verify_checkpoint", "read_manifest",
+           "begin_checkpoint", "commit_checkpoint", "abort_checkpoint", "clean_partial", "rotate_checkpoints",
+           "save_checkpoint", "checkpoint_size", "CheckpointError", "CheckpointSpaceError", "capture_rng_states",
+           "restore_rng_states", "save_rng_states", "load_rng_states", "save_model_state", "load_model_state",
+           "save_tensor_state", "load_tensor_state"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-step-"
 TRASH_PREFIX = ".trash-"
 META_FILE = "checkpoint.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "trainer_state.pt"
+SPACE_MARGIN = 1.1          # free space asked for: the previous checkpoint's size + 10%
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read (the message names the folder and what is wrong)."""
+
+
+class CheckpointSpaceError(CheckpointError):
+    """Not enough free disk space for the next checkpoint."""
+
+
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,6 +136,19 @@ def restore_rng_states(states: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
+def save_rng_states(path: str | os.PathLike) -> None:
+    """Write `capture_rng_states()` to ``path`` (fsynced); `load_rng_states` reads it with ``weights_only=True``."""
+    with open(path, "wb") as f:
+        torch.save(capture_rng_states(), f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_rng_states(path: str | os.PathLike) -> dict[str, Any]:
+    """What `save_rng_states` wrote (tensors and plain values only: no unpickling of arbitrary objects)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # model weights (safetensors, with shared-tensor de-duplication)
 
@@ -173,12 +198,25 @@ def load_model_state(path: str | os.PathLike, device: str | torch.device = "cpu"
     return tensors
 
 
+def save_tensor_state(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` of tensors and plain containers (e.g. an optimizer state dict), fsynced."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_tensor_state(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """What :func:`save_tensor_state` wrote, with ``weights_only=True`` (no arbitrary unpickling)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
 # --------------------------------------------------------------------------------------------------------------
-# listing
+# listing and verification
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in `output_dir` as (step, path), oldest first."""
+    """Complete checkpoints in ``output_dir`` (those with a manifest) as (step, path), oldest first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
@@ -191,42 +229,151 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step in `output_dir` (None if there is none)."""
+    """The complete checkpoint with the highest step in ``output_dir`` (None if there is none); not verified."""
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1][1] if ckpts else None
+
+
+def checkpoint_size(path: str | os.PathLike) -> int:
+    """Bytes of every file under ``path``."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``checkpoint.json`` of a checkpoint folder; :class:`CheckpointError` if missing or unreadable."""
+    meta = Path(path) / META_FILE
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete checkpoint: no {META_FILE}") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta} is unreadable: {e}") from None
+    if not isinstance(info, dict) or "step" not in info:
+        raise CheckpointError(f"{meta} is not a checkpoint manifest")
+    if info.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {info.get('format_version')} is newer than this "
+                              f"llm_trainer supports ({FORMAT_VERSION})")
+    return info
+
+
+def verify_checkpoint(path: str | os.PathLike) -> list[str]:
+    """What is wrong with the checkpoint at ``path`` (empty: intact): a missing or unreadable manifest, a missing
+    file, a size or SHA-256 that differs from the manifest (truncation, a flipped bit)."""
+    path = Path(path)
+    try:
+        info = read_manifest(path)
+    except CheckpointError as e:
+        return [str(e)]
+    files = info.get("files", {})
+    if isinstance(files, list):                       # format 1 (no checksums): existence only
+        return [f"{path / f}: missing" for f in files if not (path / f).is_file()]
+    problems = []
+    for rel, want in sorted(files.items()):
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != want["size"]:
+            problems.append(f"{f}: {f.stat().st_size} bytes, the manifest says {want['size']} (truncated?)")
+        elif _sha256(f) != want["sha256"]:
+            problems.append(f"{f}: SHA-256 differs from the manifest (corrupted)")
+    return problems
+
+
+def resumable_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """The newest checkpoint of ``output_dir`` that verifies, and ``(path, problems)`` of each newer one skipped."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path, skipped
+        skipped.append((path, problems))
+    return None, skipped
 
 
 # --------------------------------------------------------------------------------------------------------------
 # saving
 
 
-def begin_checkpoint(output_dir: str | os.PathLike, step: int) -> Path:
-    """Create an empty ``output_dir/.tmp-step-<step>`` (removing leftovers of killed saves) and return it."""
+def clean_partial(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary and trash folders killed saves and rotations left behind; returns what was removed."""
+    root = Path(output_dir)
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and (p.name.startswith(TMP_PREFIX) or p.name.startswith(TRASH_PREFIX)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def begin_checkpoint(output_dir: str | os.PathLike, step: int, needed_bytes: int | None = None) -> Path:
+    """Create an empty ``output_dir/.tmp-step-<step>`` (removing leftovers of killed saves) and return it.
+    ``needed_bytes``: refuse with :class:`CheckpointSpaceError` unless that much (+10%) is free on the disk."""
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for p in root.iterdir():  # leftovers of a killed save or rotation
-        if p.is_dir() and (p.name.startswith(TMP_PREFIX) or p.name.startswith(TRASH_PREFIX)):
-            shutil.rmtree(p, ignore_errors=True)
+    clean_partial(root)
+    if needed_bytes:
+        free = shutil.disk_usage(root).free
+        want = int(needed_bytes * SPACE_MARGIN)
+        if free < want:
+            raise CheckpointSpaceError(
+                f"not enough disk space for checkpoint-{step} in {root}: about {want:,} bytes needed (the previous "
+                f"checkpoint took {needed_bytes:,}), {free:,} free. Free some space, point output_dir elsewhere, or "
+                f"lower keep_last_checkpoints; the last checkpoint is intact")
     tmp = root / f"{TMP_PREFIX}{step}"
     tmp.mkdir()
     return tmp
 
 
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) is "no space left on device" — also from writers such as safetensors
+    that do not raise OSError."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def abort_checkpoint(tmp: str | os.PathLike, error: BaseException | None = None) -> None:
+    """Remove a half-written temporary checkpoint folder; when ``error`` is a full disk, raise
+    :class:`CheckpointSpaceError` naming the folder and the bytes it had written."""
+    tmp = Path(tmp)
+    written = checkpoint_size(tmp) if tmp.is_dir() else 0
+    shutil.rmtree(tmp, ignore_errors=True)
+    if is_disk_full(error):
+        free = shutil.disk_usage(tmp.parent).free
+        raise CheckpointSpaceError(f"the disk of {tmp.parent} filled up while writing {tmp.name} ({written:,} bytes "
+                                   f"written, {free:,} free); the partial checkpoint was removed and the last "
+                                   f"checkpoint is intact") from error
+
+
 def commit_checkpoint(output_dir: str | os.PathLike, step: int, keep_last: int | None = None,
                       meta: dict[str, Any] | None = None) -> Path:
-    """fsync the temp dir written since `begin_checkpoint`, write ``checkpoint.json``, rename to
-    ``checkpoint-<step>`` (replacing an existing one of the same step) and rotate to the last `keep_last`."""
+    """fsync the temp dir written since :func:`begin_checkpoint`, write the manifest (sizes and SHA-256 of every
+    file), rename to ``checkpoint-<step>`` (replacing an existing one of the same step) and rotate to the last
+    ``keep_last``."""
     root = Path(output_dir)
     tmp = root / f"{TMP_PREFIX}{step}"
     if not tmp.is_dir():
         raise FileNotFoundError(f"commit_checkpoint: {tmp} does not exist (call begin_checkpoint first)")
     _fsync_tree(tmp)
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
     info = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(), "files": files, **(meta or {})}
-    meta_path = tmp / META_FILE
-    with open(meta_path, "w", encoding="utf-8") as f:
+    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
@@ -247,7 +394,7 @@ def commit_checkpoint(output_dir: str | os.PathLike, step: int, keep_last: int |
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int, protect: Path | None = None) -> None:
-    """Delete all but the `keep_last` newest complete checkpoints (never `protect`)."""
+    """Delete all but the ``keep_last`` newest complete checkpoints (never ``protect``)."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root = Path(output_dir)
@@ -261,95 +408,15 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int, protect: P
     _fsync_dir(root)
 
 
-def _torch_save(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def save_checkpoint(output_dir: str | os.PathLike, step: int, *,
-                    model_state: dict[str, torch.Tensor] | None = None,
-                    optimizer_state: dict[str, Any] | None = None,
-                    scheduler_state: dict[str, Any] | None = None,
-                    data_position: dict[str, Any] | None = None,
-                    rng_states: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None,
-                    keep_last: int | None = None,
-                    write_fn: Callable[[Path], None] | None = None) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically and return its path.
-
-    `rng_states` defaults to `capture_rng_states()` taken now. `extra` holds any other plain state (e.g. a
-    GradScaler's state dict, the epoch). `write_fn(tmp_dir)` may add files (e.g. a backend's shards) before
-    the commit. `keep_last` keeps only that many newest checkpoints (None → keep all)."""
-    tmp = begin_checkpoint(output_dir, step)
-    if model_state is not None:
-        save_model_state(model_state, tmp / MODEL_FILE)
-    if optimizer_state is not None:
-        _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
-    state = {
-        "step": step,
-        "scheduler": scheduler_state,
-        "data_position": data_position or {},
-        "rng": capture_rng_states() if rng_states is None else rng_states,
-        "extra": extra or {},
-    }
-    _torch_save(state, tmp / STATE_FILE)
-    if write_fn is not None:
-        write_fn(tmp)
-    return commit_checkpoint(output_dir, step, keep_last=keep_last)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# loading
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    step: int
-    model_state: dict[str, torch.Tensor] | None
-    optimizer_state: dict[str, Any] | None
-    scheduler_state: dict[str, Any] | None
-    data_position: dict[str, Any] = field(default_factory=dict)
-    rng_states: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def _torch_load(path: Path, map_location, allow_pickle: bool) -> Any:
+def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[Path], None], *,
+                    keep_last: int | None = None, meta: dict[str, Any] | None = None,
+                    needed_bytes: int | None = None) -> Path:
+    """One process's atomic save: :func:`begin_checkpoint`, ``write(tmp_dir)``, :func:`commit_checkpoint`. A write
+    that raises leaves no temporary folder behind (ENOSPC becomes :class:`CheckpointSpaceError`)."""
+    tmp = begin_checkpoint(output_dir, step, needed_bytes)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with guidance unless explicitly trusted
-        if not allow_pickle:
-            raise RuntimeError(
-                f"{path}: cannot be loaded with torch.load(weights_only=True) ({e}). It holds objects other than "
-                "tensors and plain containers; if you trust the file, pass allow_pickle=True") from e
-        return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
-                    load_model: bool = True, load_optimizer: bool = True,
-                    allow_pickle: bool = False) -> Checkpoint:
-    """Load a checkpoint written by `save_checkpoint`. `path` may also be an output dir (→ its latest)."""
-    path = Path(path)
-    if not (path / META_FILE).is_file():
-        latest = latest_checkpoint(path) if path.is_dir() and not _CKPT_RE.match(path.name) else None
-        if latest is None:
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META_FILE}) and contains none")
-        path = latest
-    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise RuntimeError(f"{path}: checkpoint format {meta.get('format_version')} is newer than this "
-                           f"llm_trainer supports ({FORMAT_VERSION})")
-    model_state = None
-    if load_model and (path / MODEL_FILE).is_file():
-        model_state = load_model_state(path / MODEL_FILE, device=map_location)
-    optimizer_state = None
-    if load_optimizer and (path / OPTIMIZER_FILE).is_file():
-        optimizer_state = _torch_load(path / OPTIMIZER_FILE, map_location, allow_pickle)
-    state = _torch_load(path / STATE_FILE, "cpu", allow_pickle) if (path / STATE_FILE).is_file() else {}
-    return Checkpoint(path=path, step=int(state.get("step", meta["step"])), model_state=model_state,
-                      optimizer_state=optimizer_state, scheduler_state=state.get("scheduler"),
-                      data_position=state.get("data_position") or {}, rng_states=state.get("rng") or {},
-                      extra=state.get("extra") or {}, meta=meta)
+        write(tmp)
+    except BaseException as e:
+        abort_checkpoint(tmp, e)
+        raise
+    return commit_checkpoint(output_dir, step, keep_last=keep_last, meta=meta)

@@ -26,11 +26,21 @@ the loop ends early once every row has finished; that check reads the device onl
 
 ``group_size=g`` samples ``g`` completions per prompt: each distinct prompt is prefilled once and its cache rows are
 repeated (``KVCache.repeat_interleave``); output rows are ordered prompt-major (``prompt0×g, prompt1×g, …``).
+
+Static cache and CUDA graphs (``GenerateConfig.static_cache`` / ``compile``, plain ``LlmModel`` only): after the
+prefill, the cache is copied into fixed-shape buffers (:class:`~llm_trainer.model.cache.StaticKVCache`) and every
+decoding step attends over all of them under a boolean mask of the positions written so far, so each step has the
+same shapes and no Python-side state changes — what ``torch.compile(mode="reduce-overhead")`` needs to replay one
+captured CUDA graph per step. Same tokens as the default path (masked keys weigh exactly 0). With ``compile`` the
+buffer length is rounded up to a power of two (fewer distinct shapes to compile) and the buffers are kept, one set
+per model, for the next call with the same shapes (a graph captured over them stays valid); they are freed with the
+model. On CPU, the first ``compile`` call of each shape takes tens of seconds (inductor's C++ build).
 """
 from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -38,7 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GenerateConfig", "GenerationOutput", "generate", "streaming_generate", "process_logits"]
+from . import cpu_prepack
+from .model.cache import KVCache
+
+__all__ = ["GenerateConfig", "GenerationOutput", "generate", "streaming_generate", "process_logits",
+           "choose_tokens", "lm_head_logits", "eval_mode"]
 
 
 @dataclass
@@ -46,13 +60,26 @@ class GenerateConfig:
     """Decoding settings. ``temperature <= 0`` or ``do_sample=False`` → greedy. ``top_k`` None/0 → off."""
 
     max_new_tokens: int = 128
+    """Tokens generated per row at most (fewer when every row has stopped)."""
     temperature: float = 1.0
+    """Divides the logits before sampling; <= 0 means greedy."""
     top_k: int | None = None
+    """Sample only among the k most likely tokens (None or 0: no limit)."""
     top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p (1.0: off)."""
     repetition_penalty: float = 1.0
+    """CTRL penalty on tokens already in the row (1.0: off); see the module docstring."""
     suppress_tokens: list[int] | None = None
+    """Token ids never generated."""
     stop_token_ids: list[int] | None = None
+    """Token ids that end a row, besides the EOS ids (the stop token is kept)."""
     do_sample: bool = True
+    """False: greedy decoding whatever the temperature."""
+    static_cache: bool = False
+    """Decode over fixed-shape key/value buffers (same tokens; the shape-stable path CUDA graphs need)."""
+    compile: bool = False
+    """Run each decoding step through torch.compile(mode="reduce-overhead") (CUDA graphs on GPU); implies
+    static_cache."""
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -79,6 +106,9 @@ class GenerateConfig:
             if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in v):
                 raise ValueError(f"GenerateConfig.{name} must be a list of token ids >= 0, got {getattr(self, name)!r}")
             setattr(self, name, v)
+        for name in ("do_sample", "static_cache", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GenerateConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
@@ -116,7 +146,7 @@ def process_logits(logits: torch.Tensor, config: GenerateConfig, seen: torch.Ten
     return logits
 
 
-def _choose(logits: torch.Tensor, config: GenerateConfig, generator: torch.Generator | None,
+def choose_tokens(logits: torch.Tensor, config: GenerateConfig, generator: torch.Generator | None,
             need_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step 3: pick one token per row from processed logits ``[N, V]``; returns (tokens [N], logprobs [N] | None)."""
     if config.greedy:
@@ -153,7 +183,7 @@ def _inner_lm_head(model: nn.Module) -> nn.Module | None:
     return getattr(inner, "lm_head", None)
 
 
-def _lm_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def lm_head_logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """Output projection of final hidden states (through the module when there is one: LoRA, ZeRO-3 hooks)."""
     head = _inner_lm_head(model)
     if head is not None:
@@ -180,116 +210,6 @@ def _model_device(model: nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
-
-
-#: CPU fast path: during `generate`, fp32 `nn.Linear` weights of at least this many elements (and a tied output
-#: projection) are served from copies reordered into oneDNN's blocked layout, which makes the small-batch matmuls
-#: of decoding faster (they are memory-bound, and MKL would repack the weight at every call). The copies are made
-#: at the start of every call (never cached: a `param.data.copy_()` does not bump the tensor version, so a cache
-#: could serve stale weights) and dropped at its end; generations shorter than `CPU_PREPACK_MIN_NEW_TOKENS` skip
-#: it (the reordering would not pay off). Attention q/k/v and MLP gate/up are packed as one concatenated weight
-#: each (one matmul instead of three / two: `Attention.fused_qkv`, `MLP.fused_gate_up`). With fewer than
-#: `CPU_PREPACK_MIN_ROWS` rows (batch-1 decoding is a matrix-vector product, which the reordering does not speed up)
-#: nothing is reordered; only the q/k/v and gate/up concatenations are made. Set `CPU_PREPACK_MIN_NUMEL = None` to
-#: disable all of it.
-CPU_PREPACK_MIN_NUMEL: int | None = 1 << 16
-CPU_PREPACK_MIN_NEW_TOKENS: int = 16
-CPU_PREPACK_MIN_ROWS: int = 2
-
-
-def _prepack_supported() -> bool:
-    return (CPU_PREPACK_MIN_NUMEL is not None and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-def _pack(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
-    """A oneDNN-packed copy of ``weight``, or None when the fast path does not apply."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2 \
-            or hasattr(weight, "ds_id") or CPU_PREPACK_MIN_NUMEL is None or weight.numel() < CPU_PREPACK_MIN_NUMEL:
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch)
-    except (RuntimeError, NotImplementedError):  # a build or CPU without this path: plain F.linear
-        return None
-
-
-class _PrepackedLinears:
-    """Within one `generate` call (the model is not run by anything else meanwhile), serve plain `nn.Linear` modules
-    from packed copies of their current weights; the original forwards are restored on exit."""
-
-    def __init__(self, model: nn.Module, batch: int, enabled: bool):
-        self.model, self.batch, self.enabled, self.patched = model, batch, enabled, []
-
-    def __enter__(self):
-        self.fused = []
-        if not self.enabled or not _prepack_supported():
-            return self
-        from llm_trainer.model.layers import MLP, Attention
-
-        # Attention q/k/v and MLP gate/up: one packed concatenated weight each (one matmul instead of 3 / 2; each
-        # output column is the same dot product as before). Other plain linears: packed one by one.
-        fused_linears: set[int] = set()
-        for m in self.model.modules():
-            if isinstance(m, Attention):
-                attr, parts = "fused_qkv", (m.q_proj, m.k_proj, m.v_proj)
-            elif isinstance(m, MLP):
-                attr, parts = "fused_gate_up", (m.gate_proj, m.up_proj)
-            else:
-                continue
-            if getattr(m, attr, None) is not None or not all(_plain_linear(p) for p in parts):
-                continue
-            fn = _fused_packed(parts, self.batch)
-            if fn is not None:
-                setattr(m, attr, fn)
-                self.fused.append((m, attr))
-                fused_linears.update(id(p) for p in parts)
-        for m in self.model.modules():
-            if not _plain_linear(m) or id(m) in fused_linears or self.batch < CPU_PREPACK_MIN_ROWS:
-                continue
-            packed = _pack(m.weight, self.batch)
-            if packed is not None:
-                m.forward = functools.partial(_packed_linear, packed, m.bias)
-                self.patched.append(m)
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.patched:
-            m.__dict__.pop("forward", None)
-        for m, attr in self.fused:
-            setattr(m, attr, None)
-        self.patched, self.fused = [], []
-        return False
-
-
-def _plain_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and "forward" not in m.__dict__
-
-
-def _fused_packed(linears: Sequence[nn.Linear], batch: int):
-    """A callable computing ``cat([l(x) for l in linears], -1)`` with one matmul over the concatenated weight
-    (oneDNN-packed for ``batch >= CPU_PREPACK_MIN_ROWS``), or None (not applicable: not on CPU, mixed
-    dtypes/devices/bias presence, ZeRO-3 partitioned weights, or no packing on this build)."""
-    ws = [m.weight for m in linears]
-    if any(hasattr(w, "ds_id") or w.dtype != ws[0].dtype or w.device != ws[0].device or w.dim() != 2
-           or w.shape[1] != ws[0].shape[1] for w in ws):
-        return None
-    has_bias = [m.bias is not None for m in linears]
-    if any(has_bias) and not all(has_bias):
-        return None
-    bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
-    if batch < CPU_PREPACK_MIN_ROWS:
-        w = ws[0]
-        if w.device.type != "cpu" or CPU_PREPACK_MIN_NUMEL is None:
-            return None
-        return functools.partial(F.linear, weight=torch.cat([w.detach() for w in ws]), bias=bias)
-    packed = _pack(torch.cat([w.detach() for w in ws]), batch)
-    if packed is None:
-        return None
-    return functools.partial(_packed_linear, packed, bias)
 
 
 class _Decoder:
@@ -352,8 +272,6 @@ class _Decoder:
         self.suppress = (torch.tensor(sorted(suppress), dtype=torch.long, device=self.device)
                          if suppress else None)
 
-        from llm_trainer.model.cache import KVCache
-
         self.cache = KVCache(max_length=P + T)
         self.tokens = torch.full((N, T), self.pad, dtype=torch.long, device=self.device)
         self.logprobs = torch.zeros((N, T), dtype=torch.float32, device=self.device) if return_logprobs else None
@@ -363,13 +281,19 @@ class _Decoder:
         self.all_done = False
         self.hidden_path = True  # model supports return_hidden_states: we apply the output projection ourselves
         head = _inner_lm_head(model)
-        self.head = head if head is not None else functools.partial(_lm_head, model)
+        self.head = head if head is not None else functools.partial(lm_head_logits, model)
         self._init_fast_path(model, T)
-        if prepack and _prepack_supported() and _inner_lm_head(model) is None and hasattr(model, "lm_head_weight") \
-                and self.N >= CPU_PREPACK_MIN_ROWS:
-            packed = _pack(model.lm_head_weight(), self.N)  # tied embeddings: no module to patch
+        self.static = None  # the StaticKVCache, once the prompt is prefilled (config.static_cache / compile)
+        if config.static_cache or config.compile:
+            if not self.fast:
+                raise ValueError("GenerateConfig.static_cache/compile needs a plain LlmModel, got "
+                                 f"{type(model).__name__}")
+            self.cache = KVCache()  # holds the prefill only; it is copied into the static buffers
+        if prepack and cpu_prepack.prepack_supported() and _inner_lm_head(model) is None \
+                and hasattr(model, "lm_head_weight") and self.N >= cpu_prepack.CPU_PREPACK_MIN_ROWS:
+            packed = cpu_prepack.pack_weight(model.lm_head_weight(), self.N)  # tied embeddings: no module to patch
             if packed is not None:
-                self.head = functools.partial(_packed_linear, packed, None)
+                self.head = functools.partial(cpu_prepack.packed_linear, packed, None)
 
     def _init_fast_path(self, model: nn.Module, T: int) -> None:
         """Decode steps of a plain `LlmModel` go through `LlmModel.decode_step`: RoPE cos/sin looked up in a table
@@ -414,14 +338,11 @@ class _Decoder:
             ids = self.prompt_ids.clamp(max=V - 1)
             if self.group_size > 1:
                 ids = ids.repeat_interleave(self.group_size, dim=0)
-            if self.mask is not None:
-                real = self.mask[:, :self.P].bool()
-                if self.group_size > 1:
-                    real = real.repeat_interleave(self.group_size, dim=0)
-                ids = torch.where(real, ids, ids[:, -1:])  # padding never counts (the last prompt token is real)
+            if self.mask is not None:  # already repeated for the group by the prefill
+                ids = torch.where(self.mask[:, :self.P].bool(), ids, ids[:, -1:])  # padding never counts (the last prompt token is real)
             self.seen = seen.scatter_(1, ids, True)
         logits = process_logits(logits, self.config, self.seen, self.suppress)
-        tok, lp = _choose(logits, self.config, self.generator, self.return_logprobs)
+        tok, lp = choose_tokens(logits, self.config, self.generator, self.return_logprobs)
         tok = tok.masked_fill(self.done, self.pad)
         t = self.t
         self.tokens[:, t] = tok
@@ -463,10 +384,42 @@ class _Decoder:
             self.positions = self.positions.repeat_interleave(G)
             if self.mask is not None:
                 self.mask = self.mask.repeat_interleave(G, dim=0)
+        if self.config.static_cache or self.config.compile:
+            self._init_static()
         return self._next(logits)
+
+    def _init_static(self) -> None:
+        """Move the prefilled cache into fixed-shape buffers and build the mask of written positions."""
+        from llm_trainer.model.cache import StaticKVCache
+
+        length = self.P + self.config.max_new_tokens
+        if self.config.compile:
+            length = 1 << (length - 1).bit_length()
+            static = _STATIC_CACHES.get(self.model)
+            if static is None or not static.fits(self.cache, length):
+                static = StaticKVCache.like(self.cache, length)
+                for t in static.keys + static.values:
+                    torch._dynamo.mark_static_address(t)
+                _STATIC_CACHES[self.model] = static
+        else:
+            static = StaticKVCache.like(self.cache, length)
+        self.static, self.cache = static.load(self.cache), None
+        written = torch.zeros((self.N, length), dtype=torch.bool, device=self.device)
+        written[:, :self.P] = True if self.mask is None else self.mask[:, :self.P].bool()
+        self.static_mask = written[:, None, None, :]  # [N, 1, 1, length]: the one query of a step sees these keys
 
     def step(self, last: torch.Tensor) -> torch.Tensor:
         t = self.t  # tokens already generated; `last` is token t-1, at position prompt_len + t - 1
+        if self.static is not None:
+            p = self.P + t - 1
+            self.static.position.fill_(p)
+            self.static_mask[..., p] = True
+            cos, sin = self._step_rope(t)
+            step = _static_step
+            if self.config.compile:
+                step = _compiled_static_step()
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+            return self._next(step(self.model, last[:, None], self.static, cos, sin, self.static_mask))
         if self.fast and self.hidden_path:
             attn_mask = None
             if self.mask is not None:  # one new query per row: it may see every real key (its own included)
@@ -521,8 +474,25 @@ class _Decoder:
                                 attention_mask=attention_mask.clone(), prompt_length=self.P)
 
 
-class _EvalMode:
-    """model.eval() inside, the previous training flags restored after (per module)."""
+#: `GenerateConfig.compile`: each model's static key/value buffers, kept for the next call with the same shapes (a
+#: CUDA graph captured over them stays valid); dropped with the model.
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _static_step(model: nn.Module, ids: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+    """One decoding step over a `StaticKVCache`: the next-token logits `[N, V]`; fixed shapes at every step."""
+    return lm_head_logits(model, model.decode_step(ids, cache, cos, sin, mask)[:, -1])
+
+
+@functools.cache
+def _compiled_static_step():
+    return torch.compile(_static_step, mode="reduce-overhead", dynamic=False)
+
+
+class eval_mode:  # noqa: N801 - used like a function: ``with eval_mode(model): ...``
+    """model.eval() inside, the previous training flags restored after (per module). The one eval-mode context of
+    the package (generation, rollout scoring, reference passes, evaluation)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -553,8 +523,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Generat
     """
     config = config if config is not None else GenerateConfig()
     n_rows = len(prompts) * group_size if isinstance(prompts, Sequence) and isinstance(group_size, int) else 1
-    prepack = config.max_new_tokens >= CPU_PREPACK_MIN_NEW_TOKENS
-    with _EvalMode(model), torch.inference_mode(), _PrepackedLinears(model, max(1, n_rows), prepack):
+    prepack = config.max_new_tokens >= cpu_prepack.CPU_PREPACK_MIN_NEW_TOKENS and not config.compile
+    with eval_mode(model), torch.inference_mode(), cpu_prepack.PrepackedLinears(model, max(1, n_rows), prepack):
         dec = _Decoder(model, prompts, config, eos_token_ids, pad_token_id, group_size, return_logprobs, generator,
                        pixel_values, model_kwargs, prepack=prepack)
         tok = dec.prefill()
@@ -579,7 +549,7 @@ def streaming_generate(model: nn.Module, prompt: Sequence[int], config: Generate
     config = config if config is not None else GenerateConfig()
     if prompt and isinstance(prompt[0], (list, tuple)):
         raise ValueError("streaming_generate takes one prompt (a list of token ids); use generate for batches")
-    ctx = _EvalMode(model)
+    ctx = eval_mode(model)
     ctx.__enter__()
     try:
         with torch.inference_mode():

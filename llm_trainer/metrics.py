@@ -1,4 +1,5 @@
-"""Training metrics: ``metrics.jsonl``, a console progress bar, optional TensorBoard / Weights & Biases.
+"""Training metrics: ``metrics.jsonl`` and a console progress bar. (TensorBoard / Weights & Biases reporting are
+callbacks: :mod:`llm_trainer.trainers.callbacks_builtin`.)
 
 ``metrics.jsonl`` holds one JSON object per line. Training records have ``step`` (optimizer steps done),
 ``epoch``, ``time`` (seconds since the logger started) and whatever the trainer logs — by convention ``loss``,
@@ -14,9 +15,8 @@ import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, TextIO
 
 __all__ = ["MetricsLogger", "ProgressBar", "read_metrics", "estimate_mfu", "peak_flops_for_device",
            "peak_memory_bytes", "format_si", "format_duration"]
@@ -157,6 +157,12 @@ class ProgressBar:
         self.t0 = time.monotonic()
         self._last_draw = -math.inf
         self._drawn = False
+        self.evaluation: dict[str, float] = {}      # the latest evaluation's metrics, shown until the next one
+
+    def remember_evaluation(self, metrics: dict[str, Any]) -> None:
+        """Keep the scalar ``eval*`` metrics of an evaluation to show on every later line."""
+        self.evaluation = {k: float(v) for k, v in metrics.items() if k.startswith("eval")
+                           and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
     def eta(self, step: int) -> float:
         done = step - self.start_step
@@ -173,10 +179,13 @@ class ProgressBar:
             parts.append(f"step {step}/{self.total}" + (f" {bar}" if bar else "") + f" {frac * 100:3.0f}%")
         else:
             parts.append(f"step {step}")
-        for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}")):
+        for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}")):
             v = metrics.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 parts.append(f"{key} " + fmt.format(v))
+        shown = {**self.evaluation, **{k: v for k, v in metrics.items() if k in self.evaluation}}
+        for key in list(shown)[:3]:                 # the latest evaluation (eval_loss, eval_reward, eval/...)
+            parts.append(f"{key} {shown[key]:.4g}")
         tps = metrics.get("tokens_per_s")
         if isinstance(tps, (int, float)) and not isinstance(tps, bool):
             parts.append(f"tok/s {format_si(float(tps))}")
@@ -224,14 +233,11 @@ class ProgressBar:
 class MetricsLogger:
     """Writes metrics on the main process (every call is a no-op elsewhere).
 
-    ``log(metrics, step, epoch=None)`` appends one record to ``output_dir/metrics.jsonl`` (flushed), updates the
-    progress bar and forwards to TensorBoard / W&B if requested in `report_to` (a backend that is asked for but
-    not installed gives a warning, not an error). `resume_step` marks a resume (see module docstring).
-    `config` (a dict) is stored with the W&B run and as TensorBoard text.
+    ``log(metrics, step, epoch=None)`` appends one record to ``output_dir/metrics.jsonl`` (flushed) and updates the
+    progress bar. `resume_step` marks a resume (see module docstring).
     """
 
     def __init__(self, output_dir: str | os.PathLike, is_main: bool = True, *, total_steps: int | None = None,
-                 report_to: Iterable[str] = (), run_name: str | None = None, config: dict | None = None,
                  console: bool = True, stream: TextIO | None = None, is_tty: bool | None = None,
                  resume_step: int | None = None, filename: str = METRICS_FILE):
         self.is_main = is_main
@@ -239,8 +245,6 @@ class MetricsLogger:
         self.path = self.output_dir / filename
         self.t0 = time.monotonic()
         self._file = None
-        self._tb = None
-        self._wandb = None
         self.progress: ProgressBar | None = None
         if not is_main:
             return
@@ -250,27 +254,6 @@ class MetricsLogger:
             self._write({"event": "resume", "step": int(resume_step), "wall_time": time.time()})
         if console:
             self.progress = ProgressBar(total_steps, stream=stream, is_tty=is_tty, start_step=resume_step or 0)
-        report_to = list(report_to or [])
-        if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
-                if config:
-                    self._tb.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
-            except ImportError:
-                warnings.warn("report_to has 'tensorboard' but tensorboard is not installed "
-                              "(pip install tensorboard); not logging to TensorBoard", stacklevel=2)
-        if "wandb" in report_to:
-            try:
-                import wandb
-
-                self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "llm_trainer"), name=run_name,
-                                         config=config, dir=str(self.output_dir),
-                                         resume="allow" if resume_step else None)
-            except ImportError:
-                warnings.warn("report_to has 'wandb' but wandb is not installed (pip install wandb); "
-                              "not logging to Weights & Biases", stacklevel=2)
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -287,15 +270,11 @@ class MetricsLogger:
         record["time"] = round(time.monotonic() - self.t0, 3)
         record.update({str(k): _to_python(v) for k, v in metrics.items() if v is not None})
         self._write(record)
-        scalars = {k: v for k, v in record.items()
-                   if k not in ("step",) and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, v, int(step))
-        if self._wandb is not None:
-            self._wandb.log(scalars, step=int(step))
-        if self.progress is not None and progress:
-            self.progress.update(int(step), record)
+        if self.progress is not None:
+            if progress:
+                self.progress.update(int(step), record)
+            else:                                   # an evaluation: shown on the bar's following lines
+                self.progress.remember_evaluation(record)
         return record
 
     def print(self, message: str) -> None:
@@ -313,12 +292,6 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -5,10 +5,14 @@ Loading
 -------
 ``Tokenizer(path)`` takes a ``tokenizer.json`` file or a folder holding one. A ``tokenizer_config.json`` next to it
 (Hugging Face layout) supplies the special tokens (``eos_token``, ``bos_token``, ``pad_token``, ``unk_token``; a string
-or ``{"content": ...}``), extra ``added_tokens_decoder`` / ``additional_special_tokens`` entries, and the chat template:
-``llm_trainer_chat_template`` (a built-in name we store), else a built-in template recognised from the Jinja
-``chat_template``'s markers, else one recognised from the vocabulary (``<|im_start|>`` → chatml,
-``<|start_header_id|>`` → llama3, otherwise plain). Arbitrary Jinja templates are not executed.
+or ``{"content": ...}``) and extra ``added_tokens_decoder`` / ``additional_special_tokens`` entries.
+
+Chat templates (see :mod:`llm_trainer.chat`): the model's own Jinja template — ``chat_template.jinja`` /
+``additional_chat_templates/*.jinja`` beside ``tokenizer.json``, else ``tokenizer_config.json``'s ``chat_template``
+(a string, or named templates) — rendered sandboxed exactly as ``transformers`` renders it. Without one, the built-in
+named by ``llm_trainer_chat_template`` (tokenizers trained here), else a built-in guessed from the vocabulary
+(``<|im_start|>`` → chatml, ``<|start_header_id|>`` → llama3, otherwise plain; a warning says so on first use).
+``llm_trainer_chat_template_kwargs`` holds default template variables (e.g. ``{"enable_thinking": false}``).
 
 Special-token fallbacks when ``tokenizer_config.json`` names none: eos = the first of ``<|endoftext|>``,
 ``<|end_of_text|>``, ``</s>``, ``<eos>`` present; pad = ``<pad>``/``<|pad|>`` if present, else eos.
@@ -23,14 +27,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
-from llm_trainer.chat_templates import TEMPLATES, ChatTemplate, detect_template, get_template, normalise_messages
+from llm_trainer.chat import TEMPLATES, ChatTemplate, detect_builtin, get_builtin, render_conversation, spans_to_mask
+from llm_trainer.chat.jinja import prepare_messages
+from llm_trainer.chat.turns import check_control_tokens, end_of_turn
+from llm_trainer.chat.templates import config_entry, load_model_templates, select
 
 __all__ = ["Tokenizer", "ChatEncoding", "train_tokenizer", "default_special_tokens", "TEMPLATES"]
 
@@ -69,7 +79,9 @@ class Tokenizer:
     :meth:`from_tokenizers`."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, chat_template: str | None = None,
+                 chat_template_kwargs: Mapping[str, Any] | None = None,
                  _backend: _HFTokenizer | None = None, _config: dict | None = None):
+        folder, cfg_name = None, "tokenizer_config.json"
         if _backend is not None:
             self._tok = _backend
             config = dict(_config or {})
@@ -92,7 +104,9 @@ class Tokenizer:
             except Exception as e:  # the Rust error names no file
                 raise ValueError(f"cannot read tokenizer file {file}: {e}") from e
             config = {}
-            cfg_file = file.parent / "tokenizer_config.json"
+            folder = file.parent
+            cfg_file = folder / "tokenizer_config.json"
+            cfg_name = str(cfg_file)
             if cfg_file.is_file():
                 try:
                     config = json.loads(cfg_file.read_text(encoding="utf-8"))
@@ -101,6 +115,8 @@ class Tokenizer:
             self.path = str(file)
         self._config = config
         self._register_config_tokens(config)
+        self._atoms: re.Pattern | None = None
+        self._eot_cache: dict[str, str | None] = {}
 
         self.eos_token = _token_content(config.get("eos_token")) or self._first_present(_EOS_FALLBACKS)
         self.bos_token = _token_content(config.get("bos_token"))
@@ -112,24 +128,30 @@ class Tokenizer:
             if tok is not None and self._tok.token_to_id(tok) is None:
                 raise ValueError(f"{name} {tok!r} from tokenizer_config.json is not in the vocabulary")
 
-        if chat_template is None:
-            chat_template = config.get("llm_trainer_chat_template")
-        if chat_template is None:
-            jinja = config.get("chat_template")
-            chat_template = detect_template(lambda t: self._tok.token_to_id(t) is not None,
-                                            jinja if isinstance(jinja, str) else None)
-        self.chat_template = get_template(chat_template).name
+        # the model's own templates; one identical to a built-in is that built-in (tokenizers saved here)
+        self._model_templates = {name: next((b for b in TEMPLATES.values() if b.source == t.source), t)
+                                 for name, t in load_model_templates(folder, config, cfg_name).items()}
+        builtin = config.get("llm_trainer_chat_template")
+        self._guessed_template = builtin is None and not self._model_templates
+        self._builtin = get_builtin(builtin).name if builtin is not None else \
+            detect_builtin(lambda t: self._tok.token_to_id(t) is not None)
+        #: default variables for every chat template render (call arguments override them), e.g. enable_thinking
+        self.chat_template_kwargs: dict[str, Any] = dict(config.get("llm_trainer_chat_template_kwargs") or {})
+        self.chat_template_kwargs.update(chat_template_kwargs or {})
+        self.chat_template = chat_template
 
     # ------------------------------------------------------------------------------------------------ construction
     @classmethod
     def from_tokenizers(cls, tokenizer: _HFTokenizer, *, eos_token: str | None = None, bos_token: str | None = None,
                         pad_token: str | None = None, unk_token: str | None = None,
                         chat_template: str | None = None) -> "Tokenizer":
-        """Wrap an in-memory ``tokenizers.Tokenizer``."""
+        """Wrap an in-memory ``tokenizers.Tokenizer``; ``chat_template``: a built-in's name or Jinja source."""
         config = {k: v for k, v in dict(eos_token=eos_token, bos_token=bos_token, pad_token=pad_token,
                                          unk_token=unk_token).items() if v is not None}
-        if chat_template is not None:
+        if chat_template in TEMPLATES:
             config["llm_trainer_chat_template"] = chat_template
+        elif chat_template is not None:
+            config["chat_template"] = chat_template
         return cls(_backend=tokenizer, _config=config)
 
     def _register_config_tokens(self, config: dict) -> None:
@@ -156,6 +178,7 @@ class Tokenizer:
 
     def add_special_tokens(self, tokens: Sequence[str], special: bool = True) -> int:
         """Add tokens (as single, never-split tokens); returns how many were new. Resize the model's embeddings after."""
+        self._atoms = None
         return self._tok.add_tokens([AddedToken(t, special=special, normalized=False) for t in tokens])
 
     @property
@@ -222,13 +245,17 @@ class Tokenizer:
         return self.chat_stop_token_ids()
 
     def chat_stop_token_ids(self, template: str | None = None) -> list[int]:
-        tpl = get_template(template or self.chat_template)
-        ids = [self._id(tpl.end_of_turn), self.eos_token_id]
-        out: list[int] = []
-        for i in ids:
-            if i is not None and i not in out:
-                out.append(i)
-        return out
+        """The end-of-turn token of ``template`` (default: the tokenizer's), then eos. A built-in declares its token;
+        for a model's template it is the first special token the template writes after an assistant's content."""
+        tpl = self.get_chat_template(template)
+        eot = tpl.end_of_turn if tpl.builtin else self._probe_end_of_turn(tpl)
+        return list(dict.fromkeys(i for i in (self._id(eot), self.eos_token_id) if i is not None))
+
+    def _probe_end_of_turn(self, tpl: ChatTemplate) -> str | None:
+        if tpl.source not in self._eot_cache:
+            self._eot_cache[tpl.source] = end_of_turn(tpl, self._template_tokens(tpl), self._control_tokens(),
+                                                      set(self.special_tokens))
+        return self._eot_cache[tpl.source]
 
     # ------------------------------------------------------------------------------------------------- encoding
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -255,51 +282,95 @@ class Tokenizer:
     __call__ = encode
 
     # ---------------------------------------------------------------------------------------------- chat template
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
-                            tokenize: bool = True, template: str | None = None) -> "ChatEncoding | str":
-        """Render a conversation with a built-in template (see :mod:`llm_trainer.chat_templates`).
+    @property
+    def chat_template(self) -> str:
+        """Name of the template :meth:`apply_chat_template` uses by default: a built-in's name (``chatml``, ...), the
+        model template's name (``default``, or a named template's), or ``custom``. Assign a name or Jinja source."""
+        return self.get_chat_template().name
 
-        ``tokenize=False`` returns the string. ``tokenize=True`` returns :class:`ChatEncoding`; the assistant mask is 1
-        exactly on the tokens of each assistant message's body (think block + content) and its end-of-turn token.
-        The ids are built by encoding the mask-homogeneous segments separately, so a token never straddles the
-        boundary between the prompt and the answer: this is what the model sees at generation time (prompt ending
-        in the assistant header, then generated tokens). For ordinary contents it equals encoding the whole string;
-        it can differ only when an answer begins with characters that merge with the header's end (e.g. an answer
-        starting with a newline under llama3).
+    @chat_template.setter
+    def chat_template(self, name: str | None) -> None:
+        old, self._default_template = getattr(self, "_default_template", None), name
+        try:
+            self.get_chat_template()
+        except ValueError:
+            self._default_template = old
+            raise
+        if name is not None:  # chosen, not guessed
+            self._guessed_template = False
+
+    @property
+    def chat_templates(self) -> dict[str, ChatTemplate]:
+        """The model's own templates by name (empty for tokenizers without one), then the built-ins."""
+        return {**self._model_templates, **{n: t for n, t in TEMPLATES.items() if n not in self._model_templates}}
+
+    def get_chat_template(self, template: str | None = None, tools: Any = None) -> ChatTemplate:
+        """The :class:`~llm_trainer.chat.ChatTemplate` for ``template`` (a name or Jinja source; default: the
+        tokenizer's, ``tool_use`` when ``tools`` are given and the model has it)."""
+        return select(self._model_templates, self._builtin, template or self._default_template, tools)
+
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
+                            tokenize: bool = True, template: str | None = None, *,
+                            tools: Sequence[Mapping] | None = None, documents: Sequence[Mapping] | None = None,
+                            reasoning_history: str = "template",
+                            **template_kwargs: Any) -> "ChatEncoding | str":
+        """Render a conversation with a chat template (see :mod:`llm_trainer.chat`); the same string and ids as
+        ``transformers``' ``apply_chat_template`` for the same tokenizer files.
+
+        ``template``: a template name or Jinja source (default: :attr:`chat_template`). ``tools`` / ``documents``:
+        JSON-schema dicts / ``{"title", "text"}`` dicts handed to the template. ``template_kwargs`` (over
+        :attr:`chat_template_kwargs`): extra template variables such as ``enable_thinking=False``.
+        ``reasoning_history``: ``"template"``, ``"keep"`` or ``"drop"`` — how earlier turns' reasoning is rendered
+        (:mod:`llm_trainer.chat.turns`). ``tokenize=False`` returns the string. ``tokenize=True`` returns
+        :class:`ChatEncoding`: the ids of the whole string (no post-processor tokens added), and a mask that is 1 on
+        every token overlapping assistant output — the template's ``{% generation %}`` blocks (equal to
+        ``transformers``' ``assistant_masks``), else each assistant turn found by rendering prefixes of the
+        conversation. Errors (:class:`~llm_trainer.chat.ChatTemplateError`, a ``ValueError``) name the template
+        and the message.
         """
-        tpl = get_template(template or self.chat_template)
-        image = self.image_token or "<image>"
-        msgs = normalise_messages(messages, image_token=image)
-        segments = tpl.render(msgs, add_generation_prompt, self.eos_token, image)
+        for name, value in (("tools", tools), ("documents", documents)):
+            if value is not None and (isinstance(value, (str, Mapping)) or not isinstance(value, Sequence)
+                                      or not all(isinstance(x, Mapping) for x in value)):
+                raise TypeError(f"{name} must be a list of dicts (JSON schemas / documents), got {value!r:.80}")
+        tpl = self.get_chat_template(template, tools)
+        if self._guessed_template and template is None and tpl.builtin:
+            self._guessed_template = False
+            warnings.warn(f"the tokenizer {self.path or ''} has no chat template; using the built-in {tpl.name!r} "
+                          "template, guessed from its vocabulary (pass template= to choose)", stacklevel=2)
+        variables = {**self._template_tokens(tpl), **self.chat_template_kwargs, **template_kwargs}
+        rendered = render_conversation(tpl, messages, add_generation_prompt=add_generation_prompt,
+                                       variables=variables, tools=tools, documents=documents,
+                                       reasoning_history=reasoning_history, with_spans=tokenize,
+                                       atoms=self._control_tokens())
         if not tokenize:
-            return "".join(text for text, _ in segments)
-        self._check_template_tokens(tpl)
-        # merge neighbours with the same flag: fewer boundaries, identical to whole-string encoding inside a run
-        merged: list[list] = []
-        for text, trainable in segments:
-            if merged and merged[-1][1] == trainable:
-                merged[-1][0] += text
-            elif text:
-                merged.append([text, trainable])
-        encs = self._tok.encode_batch([t for t, _ in merged], add_special_tokens=False)
-        ids: list[int] = []
-        mask: list[int] = []
-        for (_, trainable), enc in zip(merged, encs):
-            ids += enc.ids
-            mask += [int(trainable)] * len(enc.ids)
-        return ChatEncoding(ids, mask)
+            return rendered.text
+        check_control_tokens(tpl, rendered.text, lambda t: self._tok.token_to_id(t) is not None, messages,
+                             variables=variables, tools=tools, documents=documents)
+        enc = self._tok.encode(rendered.text, add_special_tokens=False)
+        return ChatEncoding(enc.ids, spans_to_mask(rendered.spans, enc.offsets))
 
-    def _check_template_tokens(self, tpl: ChatTemplate) -> None:
-        missing = [t for t in tpl.required_tokens if self._tok.token_to_id(t) is None]
-        if missing:
-            raise ValueError(f"chat template {tpl.name!r} needs the special tokens {missing}, which this tokenizer "
-                             f"lacks; pick another template (built-in: {sorted(TEMPLATES)}) or add them with "
-                             "add_special_tokens() and resize the model's embeddings")
+    def _template_tokens(self, tpl: ChatTemplate) -> dict[str, str]:
+        """The special-token variables ``transformers`` passes to templates (``bos_token``, ``eos_token``, ...)."""
+        out = {name: value for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+               if (value := getattr(self, name)) is not None}
+        for name in ("sep_token", "cls_token", "mask_token"):
+            if (value := _token_content(self._config.get(name))) is not None:
+                out[name] = value
+        if tpl.builtin:
+            out["image_token"] = self.image_token or "<image>"
+        return out
+
+    def _control_tokens(self) -> re.Pattern:
+        """Matches any added token (longest first): prefix comparisons and probes never split one."""
+        if self._atoms is None:
+            tokens = sorted({t.content for t in self._tok.get_added_tokens_decoder().values()}, key=len, reverse=True)
+            self._atoms = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+        return self._atoms
 
     # ------------------------------------------------------------------------------------------------------ save
     def save(self, directory: str | os.PathLike) -> str:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (Hugging Face layout, loadable by
-        ``transformers.AutoTokenizer`` with the same chat template as Jinja). Returns the directory."""
+        ``transformers.AutoTokenizer`` with the same chat template(s)). Returns the directory."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(d / "tokenizer.json"))
@@ -312,13 +383,13 @@ class Tokenizer:
             str(i): {"content": t.content, "special": t.special, "single_word": t.single_word,
                      "lstrip": t.lstrip, "rstrip": t.rstrip, "normalized": t.normalized}
             for i, t in sorted(self._tok.get_added_tokens_decoder().items())}
-        config["llm_trainer_chat_template"] = self.chat_template
-        # keep a foreign Jinja template for the same format (it may do more than ours, e.g. tools); else write ours
-        jinja = config.get("chat_template")
-        ours = {t.jinja for t in TEMPLATES.values()}
-        if not (isinstance(jinja, str) and jinja not in ours
-                and detect_template(lambda t: False, jinja) == self.chat_template):
-            config["chat_template"] = get_template(self.chat_template).jinja
+        tpl = self.get_chat_template()
+        config["llm_trainer_chat_template"] = tpl.name if tpl.builtin else self._builtin
+        is_model = self._model_templates.get(tpl.name) is tpl
+        config["chat_template"] = config_entry(self._model_templates) if is_model else tpl.source
+        config.pop("llm_trainer_chat_template_kwargs", None)
+        if self.chat_template_kwargs:
+            config["llm_trainer_chat_template_kwargs"] = dict(self.chat_template_kwargs)
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         config.setdefault("model_max_length", 1 << 30)
         config.setdefault("clean_up_tokenization_spaces", False)
@@ -337,7 +408,7 @@ def default_special_tokens(template: str = "chatml") -> tuple[list[str], list[st
 
     ``<think>``/``</think>`` are added as normal (non-special) tokens, as Qwen3 does, so that decoding with
     ``skip_special_tokens=True`` keeps them (reward functions look for them)."""
-    get_template(template)
+    get_builtin(template)
     plain = ["<think>", "</think>"]
     if template == "llama3":
         special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
@@ -379,14 +450,11 @@ def _iter_file(f: str, text_field: str) -> Iterator[str]:
                         yield obj[text_field]
                     elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
                         try:
-                            msgs = normalise_messages(obj["messages"])
+                            msgs = prepare_messages(obj["messages"])
                         except (TypeError, ValueError) as e:
                             raise ValueError(f"{f}:{lineno}: {e}") from None
                         for m in msgs:
-                            if m["think"]:
-                                yield m["think"]
-                            if m["content"]:
-                                yield m["content"]
+                            yield from _message_texts(m)
                     else:
                         raise ValueError(f"{f}:{lineno}: expected a JSON object with a string {text_field!r} field or "
                                          f"a 'messages' list")
@@ -402,6 +470,18 @@ def _iter_file(f: str, text_field: str) -> Iterator[str]:
                         buf, size = [], 0
                 if buf:
                     yield "".join(buf)
+
+
+def _message_texts(message: Mapping) -> Iterator[str]:
+    """A chat message's reasoning and text (string content, or the text parts of a list)."""
+    if isinstance(message.get("reasoning_content"), str) and message["reasoning_content"]:
+        yield message["reasoning_content"]
+    content = message.get("content")
+    parts = content if isinstance(content, list) else [content]
+    for part in parts:
+        text = part.get("text") if isinstance(part, Mapping) and part.get("type") == "text" else part
+        if isinstance(text, str) and text:
+            yield text
 
 
 def _expand_files(files: Sequence[str | os.PathLike]) -> list[str]:
@@ -441,7 +521,7 @@ def train_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int, output_
     """
     from tokenizers import decoders, models, pre_tokenizers, trainers, Regex
 
-    get_template(template)
+    get_builtin(template)
     paths = _expand_files(files)
     default_special, default_added = default_special_tokens(template)
     special = list(special_tokens) if special_tokens is not None else default_special
@@ -462,7 +542,9 @@ def train_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int, output_
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(added), min_frequency=min_frequency, show_progress=show_progress,
+        vocab_size=vocab_size - len(added), min_frequency=min_frequency,
+        # the Rust progress bar draws with cursor movements; without a terminal it prints only blank lines
+        show_progress=show_progress and sys.stdout.isatty() and sys.stderr.isatty(),
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     if show_progress:

@@ -80,8 +80,8 @@ def test_callables_skipped_with_note_or_strict_error():
 def test_unknown_key_names_the_key_and_suggests():
     with pytest.raises(ValueError, match=r"OptimConfig.*'inital_lr'.*initial_lr"):
         TrainConfig.from_dict({"optim_config": {"inital_lr": 1e-3}})
-    with pytest.raises(ValueError, match="unknown field 'gradient_accumulation_steps'"):
-        TrainConfig.from_dict({"gradient_accumulation_steps": 2})
+    with pytest.raises(ValueError, match="unknown field 'gradient_accumulation'.*gradient_accumulation_steps"):
+        TrainConfig.from_dict({"gradient_accumulation": 2})
 
 
 def test_aliases_of_old_names():
@@ -196,3 +196,57 @@ def test_vlm_model_config_round_trip(tmp_path):
     c.save(tmp_path / "v.toml")
     back = TrainConfig.load(tmp_path / "v.toml")
     assert type(back.model_config) is vlm.VLMConfig and back == c
+
+
+# ----------------------------------------------------------------------------------- one home per setting
+def test_accumulation_has_one_home_and_the_stage_alias_raises_on_conflict():
+    from llm_trainer.configs import SFTConfig
+    assert TrainConfig(gradient_accumulation_steps=4).accumulation_steps() == 4
+    old = TrainConfig(sft_config=SFTConfig(gradient_accumulation_steps=3))        # the seed's spelling still works
+    assert old.accumulation_steps(old.sft_config) == 3
+    both = TrainConfig(gradient_accumulation_steps=3, sft_config=SFTConfig(gradient_accumulation_steps=3))
+    assert both.accumulation_steps(both.sft_config) == 3
+    with pytest.raises(ValueError, match="sft_config.gradient_accumulation_steps.*conflicts"):
+        TrainConfig(gradient_accumulation_steps=2, sft_config=SFTConfig(gradient_accumulation_steps=8))
+    assert TrainConfig().accumulation_steps(SFTConfig()) == 1
+
+
+def test_a_stage_config_in_another_trainers_slot_raises():
+    from llm_trainer.configs import SFTConfig
+    cfg = TrainConfig(sft_config=SFTConfig(mask_prompt=False))
+    with pytest.raises(ValueError, match="TrainConfig.sft_config.*DPOTrainer reads only TrainConfig.dpo_config"):
+        cfg.stage_config("dpo_config", "DPOTrainer")
+    assert cfg.stage_config("sft_config", "SFTTrainer").mask_prompt is False
+    assert isinstance(TrainConfig().stage_config("dpo_config", "DPOTrainer"), DPOConfig)
+
+
+def test_every_config_field_has_a_docstring():
+    """A string literal right under every dataclass field of the config modules (torchtitan style)."""
+    import ast
+    import dataclasses
+    import importlib
+    from pathlib import Path
+
+    import llm_trainer.configs as pkg
+    missing = []
+    for path in sorted(Path(pkg.__file__).parent.glob("*.py")):
+        module = importlib.import_module(f"llm_trainer.configs.{path.stem}" if path.stem != "__init__"
+                                         else "llm_trainer.configs")
+        for node in ast.parse(path.read_text()).body:
+            if not isinstance(node, ast.ClassDef) or not dataclasses.is_dataclass(getattr(module, node.name, None)):
+                continue
+            body = node.body
+            for i, stmt in enumerate(body):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    nxt = body[i + 1] if i + 1 < len(body) else None
+                    if not (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                            and isinstance(nxt.value.value, str) and nxt.value.value.strip()):
+                        missing.append(f"{node.name}.{stmt.target.id}")
+    assert not missing, f"config fields without a docstring: {missing}"
+
+
+def test_schedule_fields_turn_the_schedule_on_and_an_explicit_off_raises():
+    assert OptimConfig(initial_lr=1e-4).enable_lr_scheduler is False
+    assert OptimConfig(initial_lr=1e-5, max_lr=1e-3, warmup_iters=5).enable_lr_scheduler is True
+    with pytest.raises(ValueError, match="enable_lr_scheduler.*max_lr, warmup_iters are set and would be ignored"):
+        OptimConfig(initial_lr=1e-5, max_lr=1e-3, warmup_iters=5, enable_lr_scheduler=False)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_trainer.data import (DPOCollate, PackingCollate, PadCollate, PromptCollate, collate_for, pack_sequences,
+                              pad_with_mask,
                               pad_sequences)
 
 PAD = 0
@@ -31,17 +32,16 @@ def test_pad_collate_splits_pretraining_windows_at_eos():
     assert out["labels"].tolist() == [[5, 6, EOS, -100, EOS, -100], [9, EOS, -100, -100, -100, -100]]
 
 
-def test_prompt_collate_left_pads():
+def test_prompt_collate_keeps_lists_and_missing_answers():
     batch = [{"prompt_ids": T([5, 6, 7]), "answer_ids": T([1]), "answer_text": "1"},
-             {"prompt_ids": T([8]), "answer_ids": T([2, 3]), "answer_text": "23", "images": ["x.png"]}]
-    out = PromptCollate(PAD)(batch)
-    assert out["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert out["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+             {"prompt_ids": T([8]), "images": ["x.png"]}]
+    out = PromptCollate()(batch)
     assert out["prompt_ids"] == [[5, 6, 7], [8]]
-    assert out["answer_ids"] == [[1], [2, 3]] and out["answer_text"] == ["1", "23"]
+    assert out["answer_ids"] == [[1], None] and out["answer_text"] == ["1", None]
     assert out["images"] == [[], ["x.png"]]
     assert pad_sequences([T([1]), T([2, 3])], 9, side="left").tolist() == [[9, 1], [2, 3]]
+    ids, mask = pad_with_mask([T([1]), T([2, 3])], 9, side="left")
+    assert ids.tolist() == [[9, 1], [2, 3]] and mask.tolist() == [[0, 1], [1, 1]]
 
 
 def test_dpo_collate_concatenates_chosen_then_rejected():

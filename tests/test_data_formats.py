@@ -135,23 +135,80 @@ def test_empty_files(tmp_path):
         StreamingPretrainDataset(tmp_path / "e.jsonl", tokenizer=object(), block_size=4)
 
 
-def test_tokens_ge_vocab(tmp_path):
-    a = np.arange(64, dtype=np.uint16)
-    a[40] = 600
-    np.save(tmp_path / "t.npy", a)
-    ds = PretrainDataset(tmp_path / "t.npy", 16, vocab_size=V)
-    assert ds[0]["input_ids"].max() < V
-    with pytest.raises(DataError, match=r"t\.npy, record 2, field 'tokens': token id 600 at position 8 is >= the "
-                                        r"vocabulary size 500"):
-        ds[2]
-    # indexed data records its largest id: a mismatch is caught at open, before any step
-    _write_sft(tmp_path / "sft", [([1, 2, 499], [0, 1, 1])])
-    with pytest.raises(DataError, match=r"sft: token ids go up to 499, which is >= the vocabulary size 100"):
+def test_an_id_beyond_the_vocabulary_deep_in_a_flat_file_fails_at_open(tmp_path):
+    """A bad id in the middle of a 10M-token file (past the first scan chunk) is found when the dataset is opened, not
+    when its window is sampled: the error names the file, the position, the id and the vocabulary size."""
+    n, bad_at = 10_000_000, 6_123_457
+    w = NpyWriter(tmp_path / "t.npy", np.uint16)
+    for start in range(0, n, 1 << 20):
+        w.write(np.arange(start, min(n, start + (1 << 20))) % V)
+    w.close()
+    tokens = np.load(tmp_path / "t.npy", mmap_mode="r+")
+    tokens[bad_at] = 600
+    tokens.flush()
+    del tokens
+    with pytest.raises(DataError, match=rf"t\.npy: token id 600 at position {bad_at} is >= the vocabulary size 500"):
+        PretrainDataset(tmp_path / "t.npy", 16, vocab_size=V)
+    with pytest.raises(DataError, match=rf"position {bad_at}"):
+        open_dataset("pretrain", [str(tmp_path / "t.npy")], 16, vocab_size=V)
+    assert len(PretrainDataset(tmp_path / "t.npy", 16, vocab_size=601)) == n // 16   # fits a larger vocabulary
+    signed = np.arange(100, dtype=np.int32)
+    signed[70] = -5                                                  # signed files: negative ids, even without a vocab
+    np.save(tmp_path / "s.npy", signed)
+    with pytest.raises(DataError, match=r"s\.npy: negative token id -5 at position 70"):
+        PretrainDataset(tmp_path / "s.npy", 16)
+
+
+def test_a_pretraining_run_on_a_file_with_a_bad_id_fails_before_the_first_step(tmp_path):
+    from llm_trainer import Trainer
+    from llm_trainer.configs import TrainConfig
+    from llm_trainer.model import ModelConfig
+
+    tokens = np.arange(4096, dtype=np.uint16) % 64
+    tokens[3000] = 64
+    np.save(tmp_path / "t.npy", tokens)
+    cfg = TrainConfig(model_config=ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, max_position_embeddings=64),
+                      file_dataset=[str(tmp_path / "t.npy")], dataset_block_size=32, batch_size=2, max_steps=2,
+                      output_dir=str(tmp_path / "run"), dtype="fp32", save_interval=None)
+    with pytest.raises(DataError, match=r"t\.npy: token id 64 at position 3000 is >= the vocabulary size 64"):
+        Trainer(train_config=cfg)                                    # the constructor: before any step
+
+
+def test_an_id_beyond_the_vocabulary_in_indexed_data_fails_at_open_naming_the_record(tmp_path):
+    _write_sft(tmp_path / "sft", [([1, 2, 3], [0, 1, 1]), ([4, 5, 6, 7], [0, 1, 1, 1]), ([8, 9], [1, 1])])
+    tokens = np.load(tmp_path / "sft" / "tokens.npy")
+    tokens[5] = 499                                                  # record 1, position 5 of tokens.npy
+    np.save(tmp_path / "sft" / "tokens.npy", tokens)
+    assert len(SFTDataset(tmp_path / "sft", vocab_size=V)) == 3
+    with pytest.raises(DataError, match=r"sft/tokens\.npy, record 1, field 'tokens': token id 499 at position 5 is "
+                                        r">= the vocabulary size 100"):
         SFTDataset(tmp_path / "sft", vocab_size=100)
+    with IndexedWriter(tmp_path / "dpo", "dpo", V) as w:              # pairs: sequence 2k+1 is record k's rejected
+        w.add_pair([1, 2, 3], [0, 1, 1], [1, 2, 4], [0, 1, 1], prompt_length=1)
+        w.add_pair([1, 5], [0, 1], [1, 6, 7], [0, 1, 1], prompt_length=1)
+    tokens = np.load(tmp_path / "dpo" / "tokens.npy")
+    tokens[10] = 300                                                  # the last token: record 1's rejected sequence
+    np.save(tmp_path / "dpo" / "tokens.npy", tokens)
+    with pytest.raises(DataError, match=r"record 1, field 'tokens': token id 300 at position 10"):
+        DPODataset(tmp_path / "dpo", vocab_size=200)
+    with IndexedWriter(tmp_path / "rl", "rl", V, has_answers=True) as w:
+        w.add_rl([9, 8, 7], [4, 2], "42")
+        w.add_rl([6], [450], "x")
+    with pytest.raises(DataError, match=r"rl/answer_tokens\.npy, record 1, field 'answer_tokens': token id 450 at "
+                                        r"position 2"):
+        RLDataset(tmp_path / "rl", vocab_size=400)
     with pytest.raises(DataError, match=r"record 0, field 'input_ids': token id 600 is outside the vocabulary "
                                         r"\[0, 500\)"):
         _write_sft(tmp_path / "bad", [([1, 600], [1, 1])])
     assert not (tmp_path / "bad").exists()
+
+
+def test_legacy_pickled_data_is_scanned_at_open_too(tmp_path):
+    with open(tmp_path / "old.pkl", "wb") as f:
+        pickle.dump([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 700], "labels": [4, 700]}], f)
+    with pytest.raises(DataError, match=r"old\.pkl/tokens\.npy, record 1, field 'tokens': token id 700 at position 4"):
+        SFTDataset(tmp_path / "old.pkl", vocab_size=V, allow_pickle=True)
 
 
 def test_indexed_folder_damage_is_reported(tmp_path):
@@ -314,7 +371,9 @@ def test_iterating_a_1gb_file_keeps_rss_flat(tmp_path):
         f.write(np.array([7], "<u2").tobytes())
     assert os.path.getsize(path) > 1 << 30
     block = 1 << 20                               # windows of 1 Mi tokens (8 MiB as int64)
-    ds = PretrainDataset(path, block)
+    before = _rss_mb()
+    ds = PretrainDataset(path, block, vocab_size=8)   # every id is scanned at open: RSS stays flat there too
+    assert _rss_mb() - before < 100
     assert len(ds) == n // block
     before = _rss_mb()
     peak = 0.0

@@ -1,6 +1,7 @@
 """prepare_data: jsonl → token files → datasets round trip for every stage, parallel = serial, bad input reported."""
 from __future__ import annotations
 
+import io
 import json
 import random
 
@@ -241,3 +242,94 @@ def test_failure_leaves_existing_output_intact(tok, tmp_path, capsys):
     with pytest.raises(DataError):
         _prep("pretrain", tok, _jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": None}]), tmp_path / "pre.npy")
     assert np.load(tmp_path / "pre.npy").tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("stage, line, message", [
+    ("sft", r'{"prompt": "hi \ud800 there", "response": "x"}',
+     r"line 2, field 'prompt': prompt has a lone surrogate \\ud800 at character 3 \(an unpaired \\u escape"),
+    ("sft", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a\\udc00"}]}',
+     r"line 2, field 'messages': messages\[1\]\.content has a lone surrogate \\udc00 at character 1"),
+    ("sft", '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "x"}]}',
+     r"line 2, field 'messages': message 0 \(role 'user'\): 'content' is null"),
+    ("sft", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}',
+     r"line 2, field 'messages': message 1 \(role 'assistant'\): 'content' is missing"),
+    ("rl", '{"prompt": "hi", "answer": NaN}', r"line 2, field 'answer': answer is nan, not a finite number"),
+    ("rl", '{"prompt": "hi", "answer": -Infinity}', r"line 2, field 'answer': answer is -inf, not a finite number"),
+    ("dpo", '{"prompt": "hi", "chosen": "a", "rejected": "b", "extra": {"w": [1, NaN]}}',
+     r"line 2, field 'extra': extra\.w\[1\] is nan"),
+])
+def test_invalid_values_are_named(tok, tmp_path, stage, line, message):
+    good = {"sft": GOOD, "rl": {"prompt": "hi"}, "dpo": {"prompt": "hi", "chosen": "a", "rejected": "b"}}[stage]
+    with pytest.raises(DataError, match=r"v\.jsonl, " + message):
+        _prep(stage, tok, _jsonl(tmp_path / "v.jsonl", [good, line]), tmp_path / "out")
+
+
+def test_tool_call_messages_may_have_null_content(tok, tmp_path):
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    rec = {"messages": [{"role": "user", "content": "2 + 2 ?"},
+                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "content": "4"}, {"role": "assistant", "content": "4"}],
+           "tools": [{"type": "function", "function": {"name": "add", "parameters": {}}}]}
+    assert _prep("sft", tok, _jsonl(tmp_path / "t.jsonl", [rec]), tmp_path / "out").documents == 1
+    with pytest.raises(DataError, match=r"line 1, field 'tools': expected a list of tool schemas"):
+        _prep("sft", tok, _jsonl(tmp_path / "b.jsonl", [{**rec, "tools": "add"}]), tmp_path / "out2")
+
+
+def test_progress_prints_the_final_line_once(tok, tmp_path):
+    stream = io.StringIO()  # not a terminal
+    prepare("sft", tok, _jsonl(tmp_path / "p.jsonl", [GOOD] * 5), tmp_path / "out", progress_stream=stream)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "100.0%" in lines[0] and "5 docs" in lines[0]
+
+
+def test_model_template_kwargs_and_reasoning_history(tok, tmp_path):
+    """A tokenizer with a model's own template (Qwen3): template kwargs reach RL generation prompts and are recorded;
+    SFT records render exactly as apply_chat_template renders them, reasoning history included."""
+    trl = pytest.importorskip("trl")
+    from pathlib import Path
+    source = (Path(trl.__file__).parent / "chat_templates" / "qwen3.jinja").read_text()
+    d = tmp_path / "qwen3_tok"
+    tok.save(d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": source}))
+    qwen = Tokenizer(d)
+    assert qwen.chat_template == "default"
+    _prep("rl", d, _jsonl(tmp_path / "rl.jsonl", [{"prompt": "what is 2 + 2 ?", "answer": "4"}]), tmp_path / "rl",
+          template_kwargs={"enable_thinking": False})
+    prompt = RLDataset(tmp_path / "rl")[0]["prompt_ids"].tolist()
+    assert qwen.decode(prompt, skip_special_tokens=False).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    meta = json.loads((tmp_path / "rl" / "meta.json").read_text())
+    assert meta["template"] == "default" and meta["template_kwargs"] == {"enable_thinking": False}
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world", "think": "greet"},
+            {"role": "user", "content": "and the fox ?"}, {"role": "assistant", "content": "quick", "think": "fox"}]
+    for history in ("template", "keep"):
+        out = tmp_path / f"sft_{history}"
+        rc = prepare_main(["--stage", "sft", "--tokenizer", str(d), "--input", str(_jsonl(tmp_path / "s.jsonl", [
+            {"messages": chat}])), "--output", str(out), "--reasoning-history", history, "--quiet", "--workers", "1"])
+        assert rc == 0
+        enc = qwen.apply_chat_template(chat, reasoning_history=history)
+        item = SFTDataset(out)[0]
+        assert item["input_ids"].tolist() == enc.input_ids and item["labels"].tolist() == enc.labels()
+        trained = qwen.decode([t for t in enc.labels() if t != -100], skip_special_tokens=False)
+        assert ("<think>\ngreet\n</think>" in trained) == (history == "keep")
+    # the CLI reads a template from a .jinja file and kwargs as JSON
+    (tmp_path / "t.jinja").write_text(source)
+    rc = prepare_main(["--stage", "rl", "--tokenizer", str(tok.path), "--input", str(tmp_path / "rl.jsonl"),
+                       "--output", str(tmp_path / "rl2"), "--template", str(tmp_path / "t.jinja"),
+                       "--template-kwargs", '{"enable_thinking": false}', "--quiet", "--workers", "1"])
+    assert rc == 0 and RLDataset(tmp_path / "rl2")[0]["prompt_ids"].tolist() == prompt
+    with pytest.raises(SystemExit):
+        prepare_main(["--stage", "rl", "--tokenizer", str(d), "--input", "x", "--output", "y",
+                      "--template-kwargs", "enable_thinking=false"])
+
+
+def test_template_errors_name_template_and_message(tok, tmp_path):
+    bad = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system messages') }}" \
+          "{% endif %}{{ m.content }}{% endfor %}"
+    recs = [GOOD, {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                {"role": "assistant", "content": "a"}]}]
+    with pytest.raises(DataError, match=r"line 2, field 'messages': chat template 'custom' from the template argument "
+                                        r"failed at message 0 \(role 'system'\): no system messages"):
+        _prep("sft", tok, _jsonl(tmp_path / "e.jsonl", recs), tmp_path / "out", template=bad)
+    with pytest.raises(ValueError, match="unknown chat template 'nope'"):
+        _prep("sft", tok, _jsonl(tmp_path / "e.jsonl", recs), tmp_path / "out", template="nope")

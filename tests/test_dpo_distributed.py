@@ -67,8 +67,10 @@ def run(cfg):
         s = tr.train_step(window)
         stats.append({k: float(v) for k, v in s.items() if not k.startswith("_") and isinstance(v, (int, float))})
     state = tr.backend.full_state_dict(tr.model)
-    info = {"ref_kind": tr.ref_kind, "ref_model_none": tr.ref_model is None,
-            "ref_type": type(tr.ref_model).__name__, "backend": tr.backend.name,
+    ref = tr.reference
+    info = {"ref_kind": "none" if ref is None else ("lora" if ref.policy is not None else "copy"),
+            "ref_model_none": ref is None or ref.frozen is None,
+            "ref_type": type(ref.frozen).__name__ if ref is not None else "NoneType", "backend": tr.backend.name,
             "world": tr.backend.world_size}
     return stats, state, info
 

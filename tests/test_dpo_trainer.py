@@ -109,10 +109,10 @@ def test_trainer_loss_equals_independent_computation(tmp_path, loss_type, beta, 
                       simpo_gamma=0.3)
     policy = tr.backend.unwrap(tr.model)
     if loss_type in ("orpo", "simpo"):
-        assert tr.ref_model is None and tr.ref_kind == "none"          # no reference loaded at all
+        assert tr.reference is None                                    # no reference loaded at all
         ref = None
     else:
-        ref = tr.ref_model
+        ref = tr.reference.frozen
         assert ref is not None and ref is not policy
     perturb(policy)                                                     # policy != reference
     batch = first_batch(tr)
@@ -157,7 +157,7 @@ def test_nll_term_and_full_logits_path_agree(tmp_path):
 
 def test_step0_loss_is_ln2_through_the_loop(tmp_path):
     tr = make_trainer(tmp_path, random_pairs(8), loss_beta=0.1)
-    ref, policy = tr.ref_model, tr.backend.unwrap(tr.model)
+    ref, policy = tr.reference.frozen, tr.backend.unwrap(tr.model)
     for (n, p), (_, q) in zip(policy.named_parameters(), ref.named_parameters()):
         assert torch.equal(p, q), n                                    # reference = initial policy, not random
     assert not any(q.requires_grad for q in ref.parameters())
@@ -186,11 +186,11 @@ def test_ref_model_weights_path_and_precomputed_reference(tmp_path):
     other.save_pretrained(tmp_path / "ref")
     data = random_pairs(10, seed=7)
     online = make_trainer(tmp_path, data, name="online", ref_model_weights_path=str(tmp_path / "ref"))
-    for (n, p), q in zip(other.named_parameters(), online.ref_model.parameters()):
+    for (n, p), q in zip(other.named_parameters(), online.reference.frozen.parameters()):
         assert torch.equal(p, q), n
     pre = make_trainer(tmp_path, data, name="pre", ref_model_weights_path=str(tmp_path / "ref"),
                        precompute_ref_log_probs=True)
-    assert pre.ref_model is None                                       # freed after the reference pass
+    assert pre.reference.frozen is None                                # freed after the reference pass
     table = pre.train_dataset.ref_logps
     assert table.shape == (10, 2) and torch.isfinite(table).all()
     full = online.collate([online.train_dataset[i] for i in range(10)])
@@ -211,6 +211,7 @@ def _held_bytes(trainer):
     """Bytes of every distinct parameter/buffer storage of every module the trainer holds."""
     seen, total = set(), 0
     for value in vars(trainer).values():
+        value = getattr(value, "frozen", value)                        # a Reference holds its frozen replica
         if isinstance(value, torch.nn.Module):
             for t in list(value.parameters()) + list(value.buffers()):
                 key = t.untyped_storage().data_ptr()
@@ -226,7 +227,7 @@ def test_lora_dpo_has_no_second_copy_and_matches_full_dpo(tmp_path):
     data = random_pairs(4, seed=11)
     lo = make_trainer(tmp_path, data, name="lora", lora=LoRAConfig(r=4, alpha=8.0), loss_beta=0.3)
     full = make_trainer(tmp_path, data, name="full", loss_beta=0.3)
-    assert lo.ref_kind == "lora" and lo.ref_model is None
+    assert lo.reference.frozen is None and lo.reference.policy is lo.backend.unwrap(lo.model)
     lora_policy, full_policy = lo.backend.unwrap(lo.model), full.backend.unwrap(full.model)
     policy_bytes = sum(p.numel() * p.element_size() for p in full_policy.parameters())
     lora_bytes = sum(m.lora_A.weight.numel() * 4 + m.lora_B.weight.numel() * 4
@@ -235,7 +236,7 @@ def test_lora_dpo_has_no_second_copy_and_matches_full_dpo(tmp_path):
     assert _held_bytes(full) >= 2 * policy_bytes                       # full DPO: policy + frozen copy
     # Same base weights (same seed); give the adapters non-zero B so that policy != reference.
     base = {k: v for k, v in lora_policy.state_dict().items() if "lora_" not in k}
-    for k, v in full.ref_model.state_dict().items():
+    for k, v in full.reference.frozen.state_dict().items():
         assert torch.equal(v, base[k]), k
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -339,7 +340,7 @@ def test_lora_precompute_and_eval_data(tmp_path):
     data, held = random_pairs(8, seed=2), random_pairs(4, seed=9)
     cfg_kw = dict(lora=LoRAConfig(r=4, alpha=8.0), loss_beta=0.2)
     tr = make_trainer(tmp_path, data, name="lp", precompute_ref_log_probs=True, **cfg_kw)
-    tr.eval_dataset = tr.build_dataset(held)
+    tr.eval_dataset = tr.build_dataset(held, "eval")
     tr.precompute_reference(tr.eval_dataset)
     assert tr.train_dataset.ref_logps.shape == (8, 2) and tr.eval_dataset.ref_logps.shape == (4, 2)
     policy = tr.backend.unwrap(tr.model)
@@ -351,5 +352,5 @@ def test_lora_precompute_and_eval_data(tmp_path):
     rc, rr = tr.reference_logps(batch)                                 # online: base model via lora_disabled
     torch.testing.assert_close(batch["ref_logps"][:, 0], rc, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batch["ref_logps"][:, 1], rr, rtol=1e-5, atol=1e-5)
-    ev = tr.eval_loss()
+    ev = tr.eval_dataset_metrics()
     assert math.isfinite(ev["eval_loss"]) and abs(ev["eval_loss"] - math.log(2)) > 1e-4

@@ -132,6 +132,17 @@ def test_group_prefill_sampling_equals_repeated_prompts(dense):
     assert len({tuple(c) for c in g.completions[:4]}) > 1  # the group's samples differ
 
 
+def test_group_prefill_with_repetition_penalty_and_ragged_prompts(dense):
+    """Regression: the padding mask was repeated for the group twice when the repetition penalty built its
+    seen-token mask (a shape error); the penalty must see each row's own prompt, padding excluded."""
+    cfg = GenerateConfig(max_new_tokens=8, do_sample=False, repetition_penalty=1.5)
+    g = generate(dense, PROMPTS[:2], cfg, eos_token_ids=[], group_size=2, return_logprobs=True)
+    r = generate(dense, [p for p in PROMPTS[:2] for _ in range(2)], cfg, eos_token_ids=[], return_logprobs=True)
+    assert g.completions == r.completions
+    for a, b in zip(g.logprobs, r.logprobs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------- sampling
 def test_top_k_1_equals_greedy_and_seeding(dense):
     greedy = generate(dense, PROMPTS, GREEDY, eos_token_ids=[])
@@ -294,11 +305,11 @@ def test_bad_inputs(dense):
 def test_cpu_prepacked_linears_match_plain_path(monkeypatch):
     """The CPU fast path (oneDNN-packed weights during one call) gives the plain path's results and leaves the
     model untouched; tied and untied output projections."""
-    import llm_trainer.generation as gen
+    import llm_trainer.cpu_prepack as gen
 
-    if not gen._prepack_supported():
+    if not gen.prepack_supported():
         pytest.skip("oneDNN linear packing not available in this torch build")
-    real = gen._packed_linear
+    real = gen.packed_linear
     for tie in (False, True):
         torch.manual_seed(0)
         model = LlmModel(ModelConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -308,7 +319,7 @@ def test_cpu_prepacked_linears_match_plain_path(monkeypatch):
         plain = generate(model, PROMPTS, cfg, eos_token_ids=[], return_logprobs=True)
         monkeypatch.setattr(gen, "CPU_PREPACK_MIN_NUMEL", 1)
         calls = []
-        monkeypatch.setattr(gen, "_packed_linear", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(gen, "packed_linear", lambda *a: calls.append(1) or real(*a))
         packed = generate(model, PROMPTS, cfg, eos_token_ids=[], return_logprobs=True)
         assert calls, "the packed path was not used"
         assert packed.completions == plain.completions
@@ -323,3 +334,70 @@ def test_cpu_prepacked_linears_match_plain_path(monkeypatch):
         want = generate(model, PROMPTS, cfg, eos_token_ids=[])
         monkeypatch.setattr(gen, "CPU_PREPACK_MIN_NUMEL", 1)
         assert generate(model, PROMPTS, cfg, eos_token_ids=[]).completions == want.completions
+
+
+# ----------------------------------------------------------------------------------------- static cache / compile
+SAMPLED = GenerateConfig(max_new_tokens=12, temperature=0.9, top_k=30, top_p=0.95, repetition_penalty=1.2)
+
+
+def _static(cfg: GenerateConfig, **kw) -> GenerateConfig:
+    return GenerateConfig(**{**cfg.__dict__, "static_cache": True, **kw})
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("cfg", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_static_cache_same_tokens_as_default_path(kind, cfg, group_size, dense, moe):
+    """Ragged (left-padded) prompts; seeded sampling draws the same tokens; logprobs within 1e-5."""
+    model = dense if kind == "dense" else moe
+
+    def run(c):
+        return generate(model, PROMPTS, c, eos_token_ids=[], group_size=group_size, return_logprobs=True,
+                        generator=torch.Generator().manual_seed(5))
+
+    want, got = run(cfg), run(_static(cfg))
+    assert got.completions == want.completions
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(got.attention_mask, want.attention_mask)
+    for a, b in zip(got.logprobs, want.logprobs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_static_cache_unpadded_stop_tokens_and_streaming(dense):
+    prompts = [[5, 17, 3], [9, 2, 44]]  # no padding: the default path attends without a mask
+    free = generate(dense, prompts, GREEDY, eos_token_ids=[])
+    stop = free.completions[0][3]
+    want = generate(dense, prompts, GREEDY, eos_token_ids=[stop])
+    got = generate(dense, prompts, _static(GREEDY), eos_token_ids=[stop])
+    assert got.completions == want.completions and got.finished == want.finished
+    assert list(streaming_generate(dense, prompts[1], _static(GREEDY), eos_token_ids=[])) == free.completions[1]
+
+
+def test_static_cache_needs_a_plain_llm_model():
+    class Wrapped(LlmModel):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = Wrapped(_model().config).eval()
+    with pytest.raises(ValueError, match="static_cache/compile needs a plain LlmModel, got Wrapped"):
+        generate(model, PROMPTS, _static(GREEDY))
+    with pytest.raises(ValueError, match="GenerateConfig.compile must be a bool"):
+        GenerateConfig(compile="yes")
+
+
+@pytest.mark.slow
+def test_compiled_static_step_same_tokens_and_buffers_reused(dense):
+    """torch.compile(mode="reduce-overhead") of the static step (on CPU: inductor C++, no CUDA graphs): same
+    tokens as the default path; a second call with the same shapes reuses the model's static buffers."""
+    import llm_trainer.generation as gen
+
+    want = generate(dense, PROMPTS, GREEDY, eos_token_ids=[], return_logprobs=True)
+    compiled = GenerateConfig(max_new_tokens=12, do_sample=False, compile=True)
+    got = generate(dense, PROMPTS, compiled, eos_token_ids=[], return_logprobs=True)
+    assert got.completions == want.completions
+    for a, b in zip(got.logprobs, want.logprobs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    buffers = gen._STATIC_CACHES[dense]
+    assert buffers.keys[0].shape[2] == 32  # 7 + 12 rounded up to a power of two
+    again = generate(dense, PROMPTS[::-1], compiled, eos_token_ids=[])
+    assert gen._STATIC_CACHES[dense] is buffers
+    assert again.completions == want.completions[::-1]

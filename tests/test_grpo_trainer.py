@@ -7,7 +7,8 @@ import torch
 from llm_trainer.generation import GenerateConfig
 from llm_trainer.losses.rl import group_advantages
 from llm_trainer.trainers.grpo import GRPOTrainer
-from llm_trainer.trainers.rollout import RewardFunctionError, completion_logps
+from llm_trainer.trainers.rewards import RewardFunctionError
+from llm_trainer.trainers.rollout import completion_logps
 from rl_helpers import EOS, copy_items, copy_reward, grpo_train_config
 
 MIN_COPY_GAIN = 0.4   # TODO
@@ -49,8 +50,8 @@ def test_first_inner_step_ratio_is_exactly_one_and_clip_is_inactive(tmp_path, kw
 
 
 def test_reference_not_built_when_beta_is_zero(tmp_path):
-    assert _trainer(tmp_path / "a", loss_beta=0.0).ref_model is None
-    assert isinstance(_trainer(tmp_path / "b", loss_beta=0.1).ref_model, torch.nn.Module)
+    assert _trainer(tmp_path / "a", loss_beta=0.0).reference is None
+    assert isinstance(_trainer(tmp_path / "b", loss_beta=0.1).reference.frozen, torch.nn.Module)
 
 
 @pytest.mark.parametrize("scale", [True, False])
@@ -134,7 +135,7 @@ def test_zero_variance_filtering_and_dynamic_sampling(tmp_path):
         return [1.0 if a[0] >= 8 else float(c[0] if c else 0) for c, a in zip(completion_ids, answer_ids)]
     tr = _trainer(tmp_path / "f", reward=reward, filter_zero_variance_groups=True, batch_size=8)
     micro = tr.make_rollout_batches(tr.prompt_batches())
-    stats = micro[0]["stats"]
+    stats = tr.rollout_stats
     assert 0 < stats["kept_frac"] < 1 and stats["zero_var_group_frac"] == pytest.approx(1 - stats["kept_frac"])
     kept = sum(b["input_ids"].size(0) for b in micro)
     assert kept == round(stats["kept_frac"] * 32)
@@ -143,7 +144,7 @@ def test_zero_variance_filtering_and_dynamic_sampling(tmp_path):
 
     tr = _trainer(tmp_path / "d", reward=reward, dynamic_sampling=True, dynamic_sampling_max_rounds=4, batch_size=4)
     micro = tr.make_rollout_batches(tr.prompt_batches())
-    assert micro[0]["stats"]["sampling_rounds"] > 1
+    assert tr.rollout_stats["sampling_rounds"] > 1
     assert sum(b["input_ids"].size(0) for b in micro) <= 4 * 4
     assert all(int(row[b["prompt_len"] - 2]) < 8 for b in micro for row in b["input_ids"])
 
@@ -166,7 +167,7 @@ def test_truncated_completions_masked_and_empty_completions_handled(tmp_path):
         c = row[P:].tolist()
         if c[:3] == [6, 6, 6] or c[0] == tr.pad_token_id() and m.sum() == 0:
             assert m.sum() == 0                                           # truncated / empty: no loss tokens
-    assert b["stats"]["truncated_frac"] == pytest.approx(0.5)             # the empty one did not stop either
+    assert tr.rollout_stats["truncated_frac"] == pytest.approx(0.5)             # the empty one did not stop either
     stats = tr.train_step(window)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values() if isinstance(v, float))
 

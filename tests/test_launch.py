@@ -1,5 +1,6 @@
-"""Launchers: argument pass-through, exit codes, --dry-run for every branch. Real processes, no mocks of what
-runs; only the branch conditions (CUDA present, DeepSpeed importable) are forced for the dry-run tests."""
+"""Launchers: argument pass-through, exit codes, the launch banner, --dry-run for every branch. Real processes, no
+mocks of what runs; only the branch conditions (CUDA present, DeepSpeed importable) are forced for the dry-run
+tests. ``ds_train`` is launched for real with 2 CPU ranks (DS_ACCELERATOR=cpu, gloo), also on example/pretrain.py."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from runner import ROOT, SCRIPTS, subprocess_env  # noqa: E402
 from llm_trainer.cli import launch  # noqa: E402
 
 EXIT = os.path.join(SCRIPTS, "exit_with.py")
+STRICT = os.path.join(SCRIPTS, "strict_args.py")
 TRICKY = ["--lr", "3e-4", "--name", "a b 'c'", "--nproc", "7", "--dry-run", "-m", "x;y", ""]
 
 
@@ -25,8 +27,12 @@ def run_launcher(fn: str, *args: str, timeout: float = 120) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout)
 
 
-def argv_lines(stdout: str) -> list[dict]:
-    return [json.loads(line.split(" ", 1)[1]) for line in stdout.splitlines() if line.startswith("ARGV_JSON ")]
+def argv_lines(stdout: str, tag: str = "ARGV_JSON") -> list[dict]:
+    return [json.loads(line.split(" ", 1)[1]) for line in stdout.splitlines() if line.startswith(tag + " ")]
+
+
+def banners(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("running on ")]
 
 
 def dry(monkeypatch, capsys, fn, argv, cuda=0, ds=True) -> list[str]:
@@ -67,6 +73,46 @@ def test_ddp_train_success():
     assert p.returncode == 0, p.stdout + p.stderr
     lines = argv_lines(p.stdout)
     assert len(lines) == 2 and {x["backend"] for x in lines} == {"ddp"}   # DDP even with a default ds_config
+
+
+@pytest.mark.distributed
+def test_ddp_train_strict_script_and_banner():
+    p = run_launcher("ddp_train", "--nproc", "2", STRICT, "--foo", "1", "--name", "a b", "--backend")
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = argv_lines(p.stdout, "ARGS_JSON")
+    assert sorted(x["env"]["RANK"] for x in lines) == ["0", "1"]
+    assert all(x["args"] == {"foo": 1, "name": "a b", "backend": True} for x in lines)
+    assert banners(p.stdout + p.stderr) == ["running on 2 ranks (backend ddp/gloo, fp32, cpu)"]  # rank 0, once
+
+
+@pytest.mark.distributed
+def test_ds_train_passes_script_arguments_untouched():
+    """DeepSpeed's runner would append --local_rank=N, which a strict argparse script rejects (exit 2)."""
+    p = run_launcher("ds_train", "--nproc", "2", STRICT, "--foo", "1", "--name", "x;y", timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = argv_lines(p.stdout, "ARGS_JSON")
+    assert len(lines) == 2
+    assert all(x["args"] == {"foo": 1, "name": "x;y", "backend": False} for x in lines)
+    assert sorted((x["env"]["RANK"], x["env"]["LOCAL_RANK"]) for x in lines) == [("0", "0"), ("1", "1")]
+    assert {x["env"]["WORLD_SIZE"] for x in lines} == {"2"} and {x["env"]["LLM_TRAINER_BACKEND"] for x in lines} == {
+        "deepspeed"}   # the banner of a ds_train run: test_ds_train_runs_the_pretrain_example
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ds_train_runs_the_pretrain_example(tmp_path):
+    """``ds_train --nproc 2 example/pretrain.py --zero 2`` as the example's docstring says (tiny settings)."""
+    out = tmp_path / "run"
+    p = run_launcher("ds_train", "--nproc", "2", os.path.join(ROOT, "example", "pretrain.py"), "--zero", "2",
+                     "--out", str(out), "--steps", "2", "--hidden", "32", "--layers", "2", "--batch-size", "4",
+                     "--block-size", "32", timeout=480)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    assert banners(p.stdout + p.stderr) == ["running on 2 ranks (backend deepspeed ZeRO-2, fp32, cpu)"]
+    assert (out / "final" / "model.safetensors").is_file() and (out / "ds_config.json").is_file()
+    zero = json.loads((out / "ds_config.json").read_text())["zero_optimization"]
+    assert zero["stage"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("step") == 2 for r in records)
 
 
 def test_launcher_backend_choice_reaches_get_backend(monkeypatch):
@@ -115,8 +161,10 @@ def test_dry_run_torchrun_multinode(monkeypatch, capsys):
 def test_dry_run_deepspeed_branch_with_accelerators(monkeypatch, capsys):
     cmd = dry(monkeypatch, capsys, launch.smart_train,
               ["--nproc", "4", "--dry-run", "train.py", "--cfg", "x.toml"], cuda=4)
-    assert cmd == [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=4", "train.py", "--cfg",
-                   "x.toml"]
+    port = [a for a in cmd if a.startswith("--master_port=")]
+    assert len(port) == 1 and 0 < int(port[0].split("=")[1]) < 65536   # one node: a free port, not 29500
+    assert [a for a in cmd if a not in port] == [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=4",
+                                                 "--no_local_rank", "train.py", "--cfg", "x.toml"]
 
 
 def test_dry_run_deepspeed_hostfile_multinode(monkeypatch, capsys):
@@ -124,7 +172,7 @@ def test_dry_run_deepspeed_hostfile_multinode(monkeypatch, capsys):
               ["--hostfile", "hosts", "--nnodes", "2", "--master-addr", "n0", "--master-port", "29600",
                "--dry-run", "train.py"], cuda=0)
     assert cmd == [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile=hosts", "--num_nodes=2",
-                   "--master_addr=n0", "--master_port=29600", "train.py"]
+                   "--master_addr=n0", "--master_port=29600", "--no_local_rank", "train.py"]
 
 
 def test_no_accelerator_or_no_deepspeed_falls_back(monkeypatch, capsys):
@@ -138,7 +186,7 @@ def test_dry_run_ds_train(monkeypatch, capsys):
     cmd = dry(monkeypatch, capsys, launch.ds_train,
               ["--nnodes", "2", "--node-rank", "0", "--nproc", "1", "--dry-run", "t.py", "a"], cuda=0)
     assert cmd == [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=1", "--num_nodes=2",
-                   "--node_rank=0", "--no_ssh", "t.py", "a"]
+                   "--node_rank=0", "--no_ssh", "--no_local_rank", "t.py", "a"]  # nodes agree on the default port
 
 
 def test_dry_run_ddp_train_defaults(monkeypatch, capsys):

@@ -22,7 +22,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from rl_helpers import copy_items, copy_reward, grpo_train_config, ppo_train_config  # noqa: E402
+from rl_helpers import copy_reward, grpo_train_config, ppo_train_config  # noqa: E402
 from trainer_utils import tiny_model_config, train_config, write_pretrain_tokens, write_sft  # noqa: E402
 
 TRACE_FILE = HERE / "data" / "loss_traces.json"
@@ -112,10 +112,15 @@ def trace_grpo(tmp: Path):
     return _run(GRPOTrainer(train_config=cfg, reward_func=copy_reward))
 
 
+def graded_reward(completion_ids):
+    """A reward with signal from the first rollout on (the copy task's is all zero at first)."""
+    return [float(c[0] % 3) if c else 0.0 for c in completion_ids]
+
+
 def trace_ppo(tmp: Path):
     from llm_trainer import PPOTrainer
     cfg = ppo_train_config(tmp, steps=STEPS, kl_beta=0.1, ppo_batch_size=4)
-    return _run(PPOTrainer(train_config=cfg, reward_func=copy_reward))
+    return _run(PPOTrainer(train_config=cfg, reward_func=graded_reward))
 
 
 TRACES = {"pretrain": trace_pretrain, "kd": trace_kd, "sft": trace_sft, "dpo": trace_dpo,

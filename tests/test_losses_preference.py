@@ -133,8 +133,8 @@ def test_bradley_terry_hand_and_metrics():
     assert bradley_terry_loss(c, r, 1.0).tolist() == pytest.approx([math.log(2), -logsig(-1.5), -logsig(-1.0)],
                                                                    abs=1e-6)
     met = preference_metrics(c, r)
-    assert met["rewards/accuracy"].item() == pytest.approx(1 / 3)
-    assert met["rewards/margin"].item() == pytest.approx(0.5 / 3)
+    assert met["rewards/accuracy"].item() == pytest.approx(1.0)       # sums over pairs: 1 of 3 is right
+    assert met["rewards/margin"].item() == pytest.approx(0.5)
 
 
 def test_dispatcher_matches_and_validates():

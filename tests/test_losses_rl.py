@@ -11,6 +11,7 @@ from llm_trainer.losses import (
     gae,
     group_advantages,
     grpo_loss,
+    grpo_units,
     kl_estimate,
     kl_k1,
     kl_k2,
@@ -167,6 +168,8 @@ def _run(**kw):
 
 
 def test_grpo_aggregations_differ_and_match_hand():
+    """Each aggregation returns a sum over its units; sum / units is the paper's normaliser (dapo: over a window of
+    20 tokens, as the loop divides by the window's tokens)."""
     seqs = _per_seq()
     total = sum(sum(s) for s in seqs)
     hand = {
@@ -175,10 +178,12 @@ def test_grpo_aggregations_differ_and_match_hand():
         "dr_grpo": total / (3 * 8),
         "dapo": total / 20,
     }
+    units = {"grpo": 3, "bnpo": 1, "dr_grpo": 3, "dapo": 7}
     got = {}
     for agg in hand:
-        loss, met, _ = _run(aggregation=agg, max_completion_length=8, num_window_tokens=20)
-        got[agg] = loss.item()
+        loss, met, _ = _run(aggregation=agg, max_completion_length=8)
+        assert grpo_units(T(MASK), agg) == units[agg]
+        got[agg] = loss.item() / (20 if agg == "dapo" else units[agg])
         assert got[agg] == pytest.approx(hand[agg], abs=1e-6), agg
         assert met["loss_sum"].item() == pytest.approx(total, abs=1e-6)
         assert met["num_tokens"].item() == 7
@@ -186,8 +191,10 @@ def test_grpo_aggregations_differ_and_match_hand():
     assert all(abs(a - b) > 1e-3 for i, a in enumerate(vals) for b in vals[i + 1:])
     with pytest.raises(ValueError, match="max_completion_length"):
         _run(aggregation="dr_grpo")
-    with pytest.raises(ValueError, match="num_window_tokens"):
-        _run(aggregation="dapo")
+    # padding rows (row_mask 0) are not sequences of dr_grpo; rows without loss tokens are not sequences of grpo
+    mask = T([[1, 1], [0, 0], [0, 0]])
+    assert grpo_units(mask, "dr_grpo", row_mask=T([1, 1, 0])) == 2 and grpo_units(mask, "grpo") == 1
+    assert grpo_units(torch.zeros(2, 3), "bnpo") == 0
 
 
 def test_grpo_clip_metrics_hand():
@@ -219,8 +226,8 @@ def test_first_inner_step_ratio_exactly_one_and_clip_inactive():
             assert met["clip_frac"].item() == 0.0
         for loss, grad in outs[1:]:
             assert torch.equal(loss, outs[0][0]) and torch.equal(grad, outs[0][1])
-        # value: grpo aggregation of -A -> -mean(A)
-        assert outs[0][0].item() == pytest.approx(-(0.7 - 1.3 + 2.0) / 3, abs=1e-6)
+        # value: grpo aggregation of -A summed over the sequences -> -sum(A)
+        assert outs[0][0].item() == pytest.approx(-(0.7 - 1.3 + 2.0), abs=1e-6)
     lp = old.clone().requires_grad_(True)
     s, met = ppo_policy_loss(lp, old, adv, mask, clip_eps=0.2)
     s_unclipped, _ = ppo_policy_loss(lp, old, adv, mask, clip_eps=1e9)
@@ -237,15 +244,15 @@ def test_gspo_sequence_ratio_value_and_gradient():
     for i in range(3):
         for t in range(4):
             assert ratio[i, t].item() == pytest.approx(s[i], rel=1e-6)
-    # unclipped GSPO with per-sequence mean aggregation: dL/dlogp_{i,t} = -A_i s_i / (|y_i| B)
+    # unclipped GSPO with per-sequence mean aggregation (summed over sequences): dL/dlogp_{i,t} = -A_i s_i / |y_i|
     loss, _ = grpo_loss(lp, T(OLD), T(ADV), T(MASK), importance_sampling="sequence", clip_eps_low=1e9,
                         clip_eps_high=1e9)
-    assert loss.item() == pytest.approx(-sum(a * si for a, si in zip(ADV, s)) / 3, abs=1e-6)
+    assert loss.item() == pytest.approx(-sum(a * si for a, si in zip(ADV, s)), abs=1e-6)
     loss.backward()
     lens = [1, 2, 4]
     for i in range(3):
         for t in range(4):
-            exp = -ADV[i] * s[i] / (lens[i] * 3) if MASK[i][t] else 0.0
+            exp = -ADV[i] * s[i] / lens[i] if MASK[i][t] else 0.0
             assert lp.grad[i, t].item() == pytest.approx(exp, abs=1e-6)
     # with GSPO's small clip range the sequence whose ratio leaves [1 - eps, 1 + eps] gets no gradient at all
     lp2 = T(LP, requires_grad=True)
@@ -339,3 +346,88 @@ def test_kl_penalized_rewards_hand():
     dense = T([[0.5, 0.5, 9.0], [1.0, 9.0, 9.0]])
     r, _ = kl_penalized_rewards(dense, lp, ref, mask, kl_coef=0.0, estimator="k3")
     assert r.tolist() == [[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]
+
+
+# ------------------------------------------------------------------------------------- issue 11 regressions
+def test_kl_estimator_gradients_follow_the_documented_divergence():
+    """Exact expectation over a 6-way categorical policy (samples held fixed, as in a policy-gradient step):
+    k1's expected gradient is 0, k2's is grad KL(pi || ref), k3's is grad KL(ref || pi)."""
+    torch.manual_seed(0)
+    theta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6, dtype=torch.float64), 0)
+    logp = torch.log_softmax(theta, 0)
+    p = logp.exp().detach()
+    reverse = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), theta, retain_graph=True)[0]
+    forward = torch.autograd.grad((ref.exp() * (ref - logp)).sum(), theta, retain_graph=True)[0]
+    expected = {}
+    for est in ("k1", "k2", "k3"):
+        expected[est] = torch.autograd.grad((p * kl_estimate(logp, ref, est)).sum(), theta, retain_graph=True)[0]
+    assert expected["k1"].abs().max() < 1e-12
+    torch.testing.assert_close(expected["k2"], reverse, rtol=0, atol=1e-12)
+    torch.testing.assert_close(expected["k3"], forward, rtol=0, atol=1e-12)
+    assert (expected["k3"] - reverse).abs().max() > 1e-2              # k3 is not the reverse KL's gradient
+    # values: k1 and k3 are unbiased estimates of KL(pi || ref)
+    kl = float((p * (logp - ref)).sum().detach())
+    for est in ("k1", "k3"):
+        assert float((p * kl_estimate(logp, ref, est)).sum().detach()) == pytest.approx(kl, abs=1e-12)
+
+
+def test_grpo_config_refuses_k1_as_a_loss_term():
+    from llm_trainer.configs import GRPOConfig
+    with pytest.raises(ValueError, match="k1.*expected gradient"):
+        GRPOConfig(kl_estimator="k1", loss_beta=0.04)
+    GRPOConfig(kl_estimator="k1", loss_beta=0.0)                        # no KL term: nothing to refuse
+    assert GRPOConfig(scale_rewards=False).scale_rewards == "none"
+    assert GRPOConfig(scale_rewards=True).scale_rewards == "group"
+    assert GRPOConfig(scale_rewards="batch").scale_rewards == "batch"
+    with pytest.raises(ValueError, match="scale_rewards"):
+        GRPOConfig(scale_rewards="rows")
+
+
+@pytest.mark.parametrize("junk", [float("nan"), float("inf"), 1e30])
+def test_masked_slots_influence_neither_value_nor_gradient(junk):
+    """Junk in padded slots of any input (log-probs, old/ref log-probs, advantages, values) leaves the loss and its
+    gradient equal to the clean inputs' ones."""
+    mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    clean = {"lp": T([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]]), "old": T([[-1.1, -1.9, 0.0], [-0.4, 0.0, 0.0]]),
+             "ref": T([[-1.2, -2.2, 0.0], [-0.6, 0.0, 0.0]]), "adv": T([[0.5, -1.0, 0.0], [2.0, 0.0, 0.0]]),
+             "v": T([[0.3, 0.1, 0.0], [0.2, 0.0, 0.0]]), "ret": T([[1.0, -1.0, 0.0], [0.5, 0.0, 0.0]])}
+    dirty = {k: torch.where(mask.bool(), v, torch.full_like(v, junk)) for k, v in clean.items()}
+
+    def losses(x):
+        lp = x["lp"].clone().requires_grad_(True)
+        v = x["v"].clone().requires_grad_(True)
+        out = []
+        for agg in ("grpo", "bnpo", "dr_grpo", "dapo"):
+            out.append(grpo_loss(lp, x["old"], x["adv"], mask, aggregation=agg, max_completion_length=3,
+                                 beta=0.1, ref_logp=x["ref"])[0])
+        out.append(grpo_loss(lp, x["old"], x["adv"], mask, objective="cispo", aggregation="dapo")[0])
+        out.append(grpo_loss(lp, x["old"], x["adv"], mask, importance_sampling="sequence")[0])
+        out.append(ppo_policy_loss(lp, x["old"], x["adv"], mask, dual_clip=3.0)[0])
+        out.append(value_loss(v, x["v"] * 0.5, x["ret"], mask, clip_range=0.2, huber_delta=1.0)[0])
+        total = sum(out)
+        total.backward()
+        return torch.stack([o.detach() for o in out]), lp.grad, v.grad
+
+    for a, b in zip(losses(clean), losses(dirty)):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_whitening_with_moments_equals_masked_whiten_and_spans_micro_batches():
+    from llm_trainer.losses import masked_moments, whiten_with_moments
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, generator=g) * 3 + 1
+    mask = (torch.rand(4, 6, generator=g) > 0.3).float()
+    for shift in (True, False):
+        want = masked_whiten(x, mask, shift_mean=shift)
+        got = whiten_with_moments(x, mask, masked_moments(x, mask), shift_mean=shift)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # two micro-batches, moments added: the same as whitening the concatenation
+        parts = [(x[:2], mask[:2]), (x[2:], mask[2:])]
+        moments = sum(masked_moments(a, m) for a, m in parts)
+        joined = torch.cat([whiten_with_moments(a, m, moments, shift_mean=shift) for a, m in parts])
+        torch.testing.assert_close(joined, want, rtol=1e-5, atol=1e-6)
+    # scale only keeps the mean: (r - mu)/sigma + mu, as trl's masked_whiten(shift_mean=False)
+    w = whiten_with_moments(x, mask, masked_moments(x, mask), shift_mean=False)
+    assert float(masked_mean(w, mask)) == pytest.approx(float(masked_mean(x, mask)), abs=1e-5)

@@ -161,3 +161,14 @@ def test_deepspeed_parses_what_we_emit(zero, dtype):
     assert parsed.gradient_clipping == 1.0
     assert parsed.bfloat16_config.enabled == (dtype == "bf16")
     assert parsed.float16_config.enabled == (dtype == "fp16") if hasattr(parsed, "float16_config") else True
+
+
+def test_section_writers_and_auto_fields():
+    """``to_ds_section`` writes a DeepSpeed JSON section; ``to_dict`` is only DsConfig's plain-dict serialiser."""
+    for cls in (DsZero0Config, DsZero3Config, DsOffloadConfig, DsFp16Config, DsBf16Config,
+                DsActivationCheckpointingConfig, DsFlopsProfilerConfig):
+        assert hasattr(cls, "to_ds_section") and not hasattr(cls, "to_dict"), cls
+    assert DsZero3Config().auto_fields() == ["stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"]
+    assert DsZero2Config(reduce_bucket_size="auto").auto_fields() == ["reduce_bucket_size"]
+    assert DsZero3Config(stage3_prefetch_bucket_size=1, stage3_param_persistence_threshold=0).auto_fields() == []
+    assert DsZero3Config().to_ds_section(64)["stage3_param_persistence_threshold"] == 640

@@ -117,3 +117,67 @@ def test_step_inside_no_sync_is_an_error():
     with pytest.raises(RuntimeError):
         with b.no_sync():
             b.step()
+
+
+# -- frozen replicas and the output projection (one process) -----------------------------------------------------
+def _tiny_llm(tied: bool):
+    from llm_trainer.model import LlmModel, ModelConfig
+    torch.manual_seed(3)
+    return LlmModel(ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, tie_word_embeddings=tied))
+
+
+def test_frozen_replica_from_source_and_build():
+    backend = SingleBackend("fp32", device="cpu")
+    model = _tiny_llm(False)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))      # a wrapper's hook must not reach the replica
+    wrapped = backend.wrap(model, make_optimizer("sgd", model.parameters()))
+    replica = backend.frozen_replica(source=wrapped)
+    assert not replica.training and not any(p.requires_grad for p in replica.parameters())
+    ids = torch.randint(0, 48, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        calls.clear()
+        assert torch.equal(replica(input_ids=ids).logits, want) and calls == []
+        model.lm_head.weight.add_(1.0)                            # the source trains on; the copy does not follow
+        assert torch.equal(replica(input_ids=ids).logits, want)
+    built = backend.frozen_replica(build=lambda: _tiny_llm(True).to(torch.bfloat16))
+    assert {p.dtype for p in built.parameters()} == {torch.float32}   # torch backends: fp32 params + autocast
+    assert not built.training and not any(p.requires_grad for p in built.parameters())
+
+
+@pytest.mark.parametrize("kwargs, error", [({}, ValueError), ({"source": TinyLM(), "build": TinyLM}, ValueError),
+                                           ({"build": lambda: None}, TypeError), ({"source": "model"}, TypeError)])
+def test_frozen_replica_rejects_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        SingleBackend("fp32", device="cpu").frozen_replica(**kwargs)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_output_projection_gradients_match_full_logits(tied):
+    """Chunked CE through output_projection == CE of the full logits, in value and in every gradient."""
+    backend = SingleBackend("fp32", device="cpu")
+    ids, labels = torch.randint(0, 48, (2, 9)), torch.randint(0, 48, (2, 9))
+    grads = []
+    for chunked in (False, True):
+        model = _tiny_llm(tied)
+        if chunked:
+            hidden = model(input_ids=ids, return_hidden_states=True).hidden_states.reshape(-1, 32)
+            with backend.output_projection(model) as project:
+                loss = sum(torch.nn.functional.cross_entropy(project(hidden[s:s + 4]), labels.reshape(-1)[s:s + 4],
+                                                             reduction="sum") for s in range(0, 18, 4))
+        else:
+            logits = model(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 48), labels.reshape(-1), reduction="sum")
+        loss.backward()
+        grads.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full_loss, full), (chunk_loss, chunk) = grads
+    assert chunk_loss == pytest.approx(full_loss, rel=1e-6)
+    assert max_diff(chunk, full) <= 1e-6
+
+
+def test_output_projection_needs_a_language_model_head():
+    with pytest.raises(TypeError, match="lm_head"):
+        with SingleBackend("fp32", device="cpu").output_projection(torch.nn.Linear(2, 2)):
+            pass

@@ -4,12 +4,12 @@ an interrupted stage from its checkpoint, and clear errors for a bad file."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import llm_trainer
 from llm_trainer.cli.main import main
 from llm_trainer.model import LlmModel
 
@@ -68,14 +68,16 @@ def workspace(tmp_path_factory):
 
 
 class Recorder:
-    """Wraps the library's trainer classes (run_pipeline looks them up on ``llm_trainer``) to record what each
-    constructed trainer started from: its init path, step after resume, and its initial weights."""
+    """Wraps the library's trainer classes (run_pipeline looks them up with ``llm_trainer.trainers.trainer_class``)
+    to record what each constructed trainer started from: its init path, step after resume, and its initial weights."""
 
     def __init__(self, monkeypatch):
+        import llm_trainer.trainers as trainers
         self.made: list[dict] = []
-        for name in ("Trainer", "SFTTrainer"):
-            base = getattr(llm_trainer, name)
-            monkeypatch.setattr(llm_trainer, name, self._wrap(base))
+        real = trainers.trainer_class
+        wrapped = {}
+        monkeypatch.setattr(trainers, "trainer_class",
+                            lambda stage: wrapped.setdefault(stage, self._wrap(real(stage))))
 
     def _wrap(self, base):
         rec = self
@@ -158,6 +160,15 @@ def test_pipeline_runs_chains_skips_and_resumes(workspace, monkeypatch, capsys, 
     ('[[stages]]\nname = "rl"\ntype = "grpo"\n', "reward"),
     ('[[stages]]\nname = "odd"\ntype = "sft"\ntrain = { batch_sise = 4 }\n', "batch_sise"),
     ('output_dir = "x"\n', "stages"),
+    ('[trian]\nbatch_size = 4\n[[stages]]\nname = "a"\ntype = "sft"\n',
+     "pipeline: unknown key 'trian'; did you mean 'train'?"),
+    ('[[stages]]\nname = "a"\ntype = "sft"\ntrian = { batch_size = 4 }\n',
+     "stages[0] ('a'): unknown key 'trian'; did you mean 'train'?"),
+    ('[[stages]]\nname = "a"\ntpye = "sft"\n', "unknown key 'tpye'; did you mean 'type'?"),
+    ('[[stages]]\nname = "a"\ntype = "sft"\nconfig = { mask_promt = true }\n', "did you mean mask_prompt?"),
+    ('[model]\nhiden_size = 32\n[[stages]]\nname = "a"\ntype = "sft"\n', "did you mean hidden_size?"),
+    ('[train]\noutput_dir = "elsewhere"\n[[stages]]\nname = "a"\ntype = "sft"\n', "top-level output_dir"),
+    ('train = 3\n[[stages]]\nname = "a"\ntype = "sft"\n', "train must be a table"),
 ])
 def test_bad_pipeline_exits_2_naming_the_stage(tmp_path, capsys, stages, message):
     toml = tmp_path / "bad.toml"
@@ -182,8 +193,123 @@ def test_only_with_an_unknown_stage_exits_2_before_training(tmp_path, capsys):
 
 
 def test_a_stage_whose_predecessor_has_not_finished_is_refused(tmp_path, capsys):
+    (tmp_path / "d.npy").write_bytes(b"")
     toml = tmp_path / "p.toml"
-    toml.write_text('[[stages]]\nname = "base"\ntype = "pretrain"\n[[stages]]\nname = "chat"\ntype = "sft"\n')
+    toml.write_text('[train]\nfile_dataset = ["d.npy"]\n[[stages]]\nname = "base"\ntype = "pretrain"\n'
+                    '[[stages]]\nname = "chat"\ntype = "sft"\n')
     assert main(["run", str(toml), "--only", "chat"]) == 2
     err = capsys.readouterr().err
     assert "'chat'" in err and "'base'" in err and "has not finished" in err
+
+
+CHAIN = """
+output_dir = "runs"
+tokenizer = "tok"
+
+[[stages]]
+name = "base"
+type = "pretrain"
+train = {{ file_dataset = ["data/base.npy"] }}
+
+[[stages]]
+name = "chat"
+type = "sft"
+train = {{ file_dataset = ["data/chat", "data/chat2"], eval_file_dataset = "data/chat_eval" }}
+
+[[stages]]
+name = "rm"
+type = "reward"
+train = {{ file_dataset = ["data/pairs"], init_weights_path = "{rm_init}" }}
+
+[[stages]]
+name = "rl"
+type = "ppo"
+train = {{ file_dataset = ["data/prompts"] }}
+config = {{ value_model_weights_path = "{value}", ref_model_weights_path = "refs/ref" }}
+reward = "os.path:exists"
+"""
+
+
+def _chain(tmp_path, rm_init="runs/base/final", value="runs/rm/final", present=("data/chat2",)):
+    """A four-stage pipeline file whose inputs exist except those not named in ``present`` (+ the base data)."""
+    for rel in ("data/base.npy", "data/chat", "data/chat2", "data/chat_eval", "data/pairs", "data/prompts", "tok",
+                "refs/ref"):
+        if rel in present or rel in ("data/base.npy",):
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_text("x")
+    toml = tmp_path / "p.toml"
+    toml.write_text(CHAIN.format(rm_init=rm_init, value=value))
+    return toml
+
+
+def test_every_missing_input_is_reported_before_the_first_stage_trains(tmp_path, capsys):
+    """Stage 1's data is there; later stages' data, the tokenizer and a reference model are not: nothing runs and
+    the error lists each missing path with its stage and field."""
+    toml = _chain(tmp_path, present=("data/chat2",))
+    assert main(["run", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing has run" in err
+    for line in ("stages[0] ('base').train.tokenizer: {t}/tok does not exist",
+                 "stages[1] ('chat').train.file_dataset: {t}/data/chat does not exist",
+                 "stages[1] ('chat').train.eval_file_dataset: {t}/data/chat_eval does not exist",
+                 "stages[2] ('rm').train.file_dataset: {t}/data/pairs does not exist",
+                 "stages[3] ('rl').train.file_dataset: {t}/data/prompts does not exist",
+                 "stages[3] ('rl').config.ref_model_weights_path: {t}/refs/ref does not exist"):
+        assert line.format(t=tmp_path) in err, (line, err)
+    assert "data/chat2" not in err and "runs/base/final" not in err and "runs/rm/final" not in err
+    assert err.count("/tok does not exist") == 1                 # a path shared by every stage: reported once
+    assert not (tmp_path / "runs").exists()
+
+
+def test_paths_written_by_earlier_stages_are_not_required_but_later_ones_are_refused(tmp_path):
+    from llm_trainer.pipeline import PipelineError, check_inputs, load_pipeline, plan
+
+    everything = ("data/chat", "data/chat2", "data/chat_eval", "data/pairs", "data/prompts", "tok", "refs/ref")
+    stages = plan(load_pipeline(_chain(tmp_path, present=everything)), tmp_path)
+    check_inputs(stages, {st["name"] for st in stages})           # runs/base/final, runs/rm/final: earlier stages
+    assert stages[3]["kwargs"]["train_config"].ppo_config.ref_model_weights_path == str(tmp_path / "refs" / "ref")
+    stages = plan(load_pipeline(_chain(tmp_path, rm_init="runs/rl/final", present=everything)), tmp_path)
+    with pytest.raises(PipelineError, match=r"stages\[2\] \('rm'\)\.train\.init_weights_path: .*runs/rl/final is "
+                                            r"written by the stage 'rl', which runs later"):
+        check_inputs(stages, {st["name"] for st in stages})
+    check_inputs(stages, {"base", "chat"})                        # only the stages about to run are checked
+
+
+def test_the_documented_example_is_valid(tmp_path, monkeypatch):
+    """docs/pipeline.md's full example (and its rewards.py) pass every check once its inputs exist."""
+    from llm_trainer.pipeline import check_inputs, import_callable, load_pipeline, plan
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "pipeline.md").read_text()
+    example = doc.split("## Full example", 1)[1]
+    toml = example.split("```toml\n", 1)[1].split("```", 1)[0]
+    rewards = example.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "pipeline.toml").write_text(toml)
+    (tmp_path / "rewards.py").write_text(rewards)
+    for rel in ("tokenizer", "data/web.npy", "data/books.npy", "data/sft", "data/sft_eval", "data/pairs",
+                "data/questions"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    stages = plan(load_pipeline(tmp_path / "pipeline.toml"), tmp_path)
+    assert [(st["name"], st["type"]) for st in stages] == [("base", "pretrain"), ("chat", "sft"), ("prefs", "dpo"),
+                                                          ("rl", "grpo")]
+    check_inputs(stages, {st["name"] for st in stages})
+    chat = stages[1]["kwargs"]["train_config"]
+    assert chat.optim_config.initial_lr == 1e-4 and chat.optim_config.warmup_iters == 200   # merged over [train]
+    assert chat.init_weights_path == str(tmp_path / "runs" / "tiny_chat" / "base" / "final")
+    assert chat.sft_config.mask_prompt and stages[0]["kwargs"]["train_config"].pretrain_config.packing
+    monkeypatch.syspath_prepend(str(tmp_path))                   # as run_pipeline does with the file's folder
+    monkeypatch.delitem(sys.modules, "rewards", raising=False)
+    fn = import_callable(stages[3]["kwargs"]["reward_func"], "rl.reward")
+    assert fn(completions=[" 19", "7"], answers=["19", None]) == [1.0, 0.0]
+
+
+def test_a_reward_module_beside_a_later_config_is_not_shadowed_by_an_earlier_one(tmp_path, monkeypatch):
+    from llm_trainer.pipeline import import_callable
+    for name, fn in (("a", "first"), ("b", "second")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shadow_rewards.py").write_text(f"def {fn}(completions):\n    return [0.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
+    assert import_callable("shadow_rewards:first", "run a").__name__ == "first"
+    monkeypatch.syspath_prepend(str(tmp_path / "b"))                  # a second config, in another folder
+    assert import_callable("shadow_rewards:second", "run b").__name__ == "second"
+    monkeypatch.delitem(sys.modules, "shadow_rewards")

@@ -9,8 +9,11 @@ from llm_trainer.configs import AdaptiveKLConfig, OptimConfig
 from llm_trainer.generation import GenerateConfig
 from llm_trainer.losses.rl import gae, kl_penalized_rewards
 from llm_trainer.model import LlmModel
-from llm_trainer.trainers.ppo import PPOTrainer, clipped_value_loss, huber
-from llm_trainer.trainers.rollout import RewardSet, completion_logps
+from llm_trainer.losses import huber, value_loss
+from llm_trainer.parallel.base import head_projection
+from llm_trainer.trainers.ppo import PPOTrainer
+from llm_trainer.trainers.rewards import RewardSet
+from llm_trainer.trainers.rollout import completion_logps
 from rl_helpers import EOS, copy_items, copy_reward, ppo_train_config
 
 MIN_DENSE_GAIN = 0.1   # TODO
@@ -35,7 +38,7 @@ def test_first_step_ratio_is_one_and_value_model_variants(tmp_path, head):
     for batch in window:
         b = tr.to_device(batch)
         m = b["completion_mask"] > 0
-        out = completion_logps(tr.model, b, tr.temperature, plain=plain.policy, with_values=True)
+        out = completion_logps(tr.model, b, tr.temperature, project=head_projection(plain.policy), with_values=True)
         assert torch.equal(out["logp"][m], b["old_logp"][m])
         assert torch.equal(out["values"][:, :m.size(1)][m], b["old_values"][m])
         lo = tr.compute_loss(tr.model, b)
@@ -61,7 +64,8 @@ def test_gae_bootstraps_truncated_completions_and_kl_rewards(tmp_path):
     # bootstrap: V(state after the last token) for truncated rows, 0 for rows that ended with EOS
     T = m.size(1)
     with torch.no_grad():
-        full = completion_logps(tr.backend.unwrap(tr.model), tr.to_device(b), plain=tr.backend.unwrap(tr.model).policy,
+        full = completion_logps(tr.backend.unwrap(tr.model), tr.to_device(b),
+                                project=head_projection(tr.backend.unwrap(tr.model).policy),
                                 with_values=True)["values"]
     lengths = m.sum(1).long()
     truncated = torch.tensor([row[b["prompt_len"]:].tolist()[:3] in ([6, 6, 6], [4, 4, 4]) for row in b["input_ids"]])
@@ -77,11 +81,12 @@ def test_missing_eos_penalty_and_reward_normalisation(tmp_path):
     base = dict(service=_fixed_service(comps), batch_size=4, kl_beta=0.0, generate_config=GenerateConfig(max_new_tokens=3),
                 reward=lambda completion_ids: [1.0] * len(completion_ids))
     tr = _trainer(tmp_path / "a", missing_eos_penalty=2.0, **base)
-    stats = tr.make_rollout_batches(tr.prompt_batches())[0]["stats"]
+    tr.make_rollout_batches(tr.prompt_batches())
+    stats = tr.rollout_stats
     assert stats["score_mean"] == pytest.approx((1.0 + (1.0 - 2.0)) / 2)
     tr = _trainer(tmp_path / "b", missing_eos_penalty=2.0, normalize_rewards=True, normalize_method="batch", **base)
-    b = tr.make_rollout_batches(tr.prompt_batches())[0]
-    assert b["stats"]["score_mean"] == pytest.approx(0.0, abs=1e-6)
+    tr.make_rollout_batches(tr.prompt_batches())
+    assert tr.rollout_stats["score_mean"] == pytest.approx(0.0, abs=1e-6)
     tr = _trainer(tmp_path / "c", normalize_rewards=True, normalize_method="running", **base)
     tr.make_rollout_batches(tr.prompt_batches())
     assert tr.reward_stats.count == 4 and tr.reward_stats.mean == pytest.approx(1.0)
@@ -106,7 +111,7 @@ def test_value_optimizer_groups_and_huber(tmp_path):
     x = torch.tensor([0.5, -3.0])
     torch.testing.assert_close(huber(x, 1.0), torch.tensor([0.125, 2.5]))
     v, old, ret = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    s, m = clipped_value_loss(v, old, ret, torch.ones(1, 2), 0.5, 1.0)
+    s, m = value_loss(v, old, ret, torch.ones(1, 2), 0.5, 1.0)
     # token 0: max(huber(2), huber(0.5)) = 1.5 ; token 1: huber(-1) = 0.5
     assert float(s) == pytest.approx(2.0) and float(m["vf_clip_frac"]) == 0.0
 

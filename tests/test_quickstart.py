@@ -29,10 +29,12 @@ def test_quickstart_tiny_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--size", "tiny", "--output", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["pretrain", "sft", "dpo", "grpo"]
+    assert list(results) == ["pretrain", "sft", "dpo", "grpo", "classify"]
     for stage, res in results.items():
-        assert 0.0 <= res["chat_accuracy"] <= 1.0
+        assert all(0.0 <= v <= 1.0 for k, v in res.items() if k != "seconds") and (stage == "classify" or "chat_accuracy" in res)
         assert (out / stage / "final" / "config.json").is_file() and (out / stage / "metrics.png").is_file()
+    assert {"heldout_accuracy_before", "heldout_accuracy_after"} <= set(results["classify"])
+    assert (out / "classify" / "confusion_matrix.png").is_file()
     assert {"preference_accuracy_before", "preference_accuracy_after"} <= set(results["dpo"])
     assert {"sampled_reward_before", "sampled_reward_after"} <= set(results["grpo"])
     printed = capsys.readouterr().out

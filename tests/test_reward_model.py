@@ -7,7 +7,8 @@ import torch
 
 from llm_trainer import ModelConfig, OptimConfig, RewardConfig, TrainConfig
 from llm_trainer.data.formats import DataError
-from llm_trainer.trainers.reward import RewardModel, RewardTrainer, last_token_index
+from llm_trainer.model.reward import RewardModel, last_token_index
+from llm_trainer.trainers.reward import RewardTrainer
 
 REWARD_MIN_ACCURACY = 0.9   # TODO
 REWARD_MIN_MARGIN_GAIN = 0.5   # TODO

@@ -9,8 +9,10 @@ import torch
 from llm_trainer.generation import GenerateConfig, generate
 from llm_trainer.model import LlmModel
 from llm_trainer.parallel import SingleBackend
-from llm_trainer.trainers.rollout import (GenerationResult, RewardFunctionError, RewardSet, Rollout, RolloutEngine,
-                                          build_sequences, completion_logps, disable_stochasticity, eval_mode)
+from llm_trainer.trainers.reference import eval_mode
+from llm_trainer.trainers.rewards import RewardFunctionError, RewardSet
+from llm_trainer.trainers.rollout import (GenerationResult, Rollout, RolloutEngine, build_sequences, completion_logps,
+                                          disable_stochasticity)
 from rl_helpers import EOS, PAD, model_config
 
 
@@ -160,7 +162,7 @@ def test_disable_stochasticity_makes_train_forward_equal_eval():
 
 def test_reward_model_of_the_reward_trainer_is_a_reward_source():
     """A `RewardModel` (an nn.Module, so callable) is scored through ``.score``, not called like a function."""
-    from llm_trainer.trainers.reward import RewardModel
+    from llm_trainer.model.reward import RewardModel
     torch.manual_seed(0)
     rm = RewardModel(model_config(), head_init_std=0.5).eval()
     rs = RewardSet([rm, lambda completion_ids: [1.0] * len(completion_ids)], weights=[2.0, 1.0])

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 
 import pytest
 
-from llm_trainer.chat_templates import TEMPLATES
+from llm_trainer.chat import TEMPLATES
 from llm_trainer.cli.train_tokenizer import main as train_tokenizer_main
 from llm_trainer.tokenizer import ChatEncoding, Tokenizer, train_tokenizer
 
@@ -154,15 +155,23 @@ def test_generation_prompt_is_prefix_of_full_conversation(tokenizers, name):
 
 
 def test_hf_jinja_matches(tokenizers, tmp_path):
+    """The built-ins are saved as Jinja with {% generation %} blocks: transformers renders the same strings, ids and
+    assistant masks from the saved folder."""
     transformers = pytest.importorskip("transformers")
-    msgs = [{k: v for k, v in m.items()} for m in CONVERSATION]
+    msgs = [{**m, "reasoning_content": m["think"]} if "think" in m else m for m in CONVERSATION]
     for name, tok in tokenizers.items():
         d = tok.save(tmp_path / name)
+        assert Tokenizer(d).chat_template == name  # the saved Jinja is recognised as the built-in
         hf = transformers.AutoTokenizer.from_pretrained(d)
         for gen in (False, True):
-            ours = tok.apply_chat_template(msgs[:4] if gen else msgs, tokenize=False, add_generation_prompt=gen)
-            theirs = hf.apply_chat_template(msgs[:4] if gen else msgs, tokenize=False, add_generation_prompt=gen)
-            assert ours == theirs, name
+            conv = msgs[:4] if gen else msgs
+            ours = tok.apply_chat_template(conv, add_generation_prompt=gen)
+            theirs = hf.apply_chat_template(conv, add_generation_prompt=gen, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+            assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen) == \
+                hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen), name
+            assert ours.input_ids == list(theirs["input_ids"]), name
+            assert ours.assistant_mask == list(theirs["assistant_masks"]), name
         assert hf.encode("hello world café", add_special_tokens=False) == tok.encode("hello world café")
 
 
@@ -231,9 +240,16 @@ def test_save_load_round_trip(tokenizers, tmp_path):
     assert (again.eos_token_id, again.pad_token_id, again.bos_token_id) == \
         (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
     assert again.apply_chat_template(CONVERSATION) == tok.apply_chat_template(CONVERSATION)
-    # a bare tokenizer.json file also loads: eos from fallbacks, template from the vocabulary
-    bare = Tokenizer(tmp_path / "tokenizer.json")
+    # a bare tokenizer.json file also loads: eos from fallbacks, template guessed from the vocabulary (said once)
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "tokenizer.json").write_bytes((tmp_path / "tokenizer.json").read_bytes())
+    bare = Tokenizer(tmp_path / "bare" / "tokenizer.json")
     assert bare.chat_template == "llama3" and bare.eos_token == "<|end_of_text|>"
+    with pytest.warns(UserWarning, match="has no chat template; using the built-in 'llama3' template, guessed"):
+        bare.apply_chat_template(CONVERSATION)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bare.apply_chat_template(CONVERSATION)
 
 
 def test_config_special_tokens_and_jinja_detection(tokenizers, tmp_path):
@@ -248,10 +264,17 @@ def test_config_special_tokens_and_jinja_detection(tokenizers, tmp_path):
     assert t.eos_token_id == tok.token_to_id("<|im_end|>")
     assert t.pad_token_id == tok.token_to_id("<|endoftext|>")
     assert t.token_to_id("<|extra|>") == tok.vocab_size  # declared only in the config: added
-    assert t.chat_template == "chatml"
+    assert t.chat_template == "default"  # the model's own template, rendered as written
+    assert t.apply_chat_template(CONVERSATION[:2], tokenize=False) == \
+        "<|im_start|>system...<|im_end|><|im_start|>user...<|im_end|>"
     assert t.stop_token_ids == [t.token_to_id("<|im_end|>")]
-    t.save(tmp_path / "again")  # a foreign Jinja template for the same format is kept
+    t.save(tmp_path / "again")  # the model's template is kept
     assert "..." in json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())["chat_template"]
+    t.chat_template = "chatml"  # a built-in can still be chosen by name
+    assert t.apply_chat_template(CONVERSATION[:2], tokenize=False).startswith("<|im_start|>system\nYou are")
+    with pytest.raises(ValueError, match="unknown chat template 'vicuna'"):
+        t.chat_template = "vicuna"
+    assert t.chat_template == "chatml"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
     with pytest.raises(ValueError, match="not in the vocabulary"):
         Tokenizer(tmp_path)
@@ -298,3 +321,12 @@ def test_train_tokenizer_errors(corpus, tmp_path, capsys):
 
 def test_templates_registry():
     assert set(TEMPLATES) == {"chatml", "llama3", "plain"}
+
+
+def test_train_tokenizer_prints_no_blank_lines_without_a_terminal(corpus, tmp_path, capfd):
+    # capfd captures the file descriptors, where the Rust progress bar would write
+    assert train_tokenizer_main([str(corpus / "a.txt"), "--vocab-size", "400", "-o", str(tmp_path / "t")]) == 0
+    out, err = capfd.readouterr()
+    lines = (out + err).splitlines()
+    assert lines and all(line.strip() for line in lines), lines
+    assert all(line.startswith("train_tokenizer: ") for line in lines)

@@ -137,3 +137,17 @@ def test_zero3_export_loads_and_equals_single_process_export(launch, single):
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)
     for k, v in ref.state_dict().items():
         assert float((model.state_dict()[k] - v).abs().max()) <= TOL, k
+
+
+def test_zero3_sft_evaluation_equals_one_process(tmp_path):
+    """Evaluation after training steps under ZeRO-3 (the chunked CE gathers the partitioned head in eval mode,
+    where DeepSpeed may have prefetched it) gives the one-process eval losses."""
+    from trainer_utils import write_sft
+    from zero3_eval import run
+    data = str(write_sft(tmp_path / "sft", n=16))
+    proc = torchrun("zero3_eval.py", [str(tmp_path / "z3"), data], nproc=2, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    z3 = json.loads((tmp_path / "z3" / "losses.json").read_text())
+    ref = run(str(tmp_path / "single"), data, ds=False)
+    assert len(z3) == len(ref) == 4
+    torch.testing.assert_close(torch.tensor(z3), torch.tensor(ref), rtol=1e-5, atol=1e-6)

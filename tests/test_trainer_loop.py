@@ -141,7 +141,8 @@ def test_default_config_trains_in_fp32_on_cpu(tmp_path):
     # the default ds_config asks for bf16, which on a CPU is many times slower and imprecise: 'auto' means fp32 here
     from llm_trainer.configs import TrainConfig
     from llm_trainer.trainers.setup import build_backend
-    backend = build_backend(TrainConfig(output_dir=str(tmp_path)))
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    backend = build_backend(cfg.ds_config, cfg.dtype, cfg.output_dir)
     assert backend.dtype == "fp32" and backend.world_size == 1
 
 

@@ -186,7 +186,7 @@ def test_build_lora_only_on_language_model_and_export_reload(tmp_path):
                       lora=LoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
     backend = get_backend(None, "fp32")
     torch.manual_seed(0)
-    model = build_model(cfg, resolve_model_config(cfg), backend)
+    model = build_model(resolve_model_config(cfg.model_config, cfg.init_weights_path), backend, lora=cfg.lora)
     lora_names = [n for n, _ in model.named_parameters() if "lora_" in n]
     assert lora_names and all(n.startswith("llm.") for n in lora_names)
     assert all(not p.requires_grad for n, p in model.llm.named_parameters() if "lora_" not in n)
@@ -199,7 +199,7 @@ def test_build_lora_only_on_language_model_and_export_reload(tmp_path):
     pv = pixels(1)
     with torch.no_grad():
         expected = model(ids, pixel_values=pv).logits
-    path = export_model(backend, model, model.config, None, tmp_path / "o" / "final")
+    path = export_model(backend, model, tmp_path / "o" / "final")
     reloaded = VlmModel.from_pretrained(path)
     assert not any("lora_" in n for n, _ in reloaded.named_parameters())
     with torch.no_grad():
@@ -207,9 +207,9 @@ def test_build_lora_only_on_language_model_and_export_reload(tmp_path):
     # init_weights_path = the exported VLM folder: its config and weights come back
     cfg2 = TrainConfig(model_config=None, init_weights_path=str(path), output_dir=str(tmp_path / "o2"),
                        ds_config=None, dtype="fp32")
-    mc = resolve_model_config(cfg2)
+    mc = resolve_model_config(cfg2.model_config, cfg2.init_weights_path)
     assert isinstance(mc, VLMConfig) and mc == reloaded.config
-    again = build_model(cfg2, mc, backend)
+    again = build_model(mc, backend, weights=cfg2.init_weights_path)
     with torch.no_grad():
         assert torch.equal(again(ids, pixel_values=pv).logits, reloaded(ids, pixel_values=pv).logits)
 
@@ -224,8 +224,8 @@ def test_vlm_config_with_llm_folder_initialises_the_language_model(tmp_path):
     save_pretrained(llm, tmp_path / "llm")
     cfg = TrainConfig(model_config=vc, init_weights_path=str(tmp_path / "llm"), output_dir=str(tmp_path / "o"),
                       ds_config=None, dtype="fp32")
-    assert resolve_model_config(cfg) is vc
-    model = build_model(cfg, vc, get_backend(None, "fp32"))
+    assert resolve_model_config(cfg.model_config, cfg.init_weights_path) is vc
+    model = build_model(vc, get_backend(None, "fp32"), weights=cfg.init_weights_path)
     for n, p in llm.state_dict().items():
         assert torch.equal(model.llm.state_dict()[n], p), n
 
@@ -287,7 +287,8 @@ def test_eval_sample_generations_with_image_tags(tmp_path):
                        tokenizer=str(tmp_path / "tok"), eval_config=GenerateConfig(max_new_tokens=3, do_sample=False))
     trainer = SFTTrainer(train_config=cfg, eval_prompts=["how many shapes?", "<image> and <image>: colours?", "hi"],
                          eval_image_tags=[images[0], [images[1], images[2]], None])
-    prompts, kw = eval_generation_inputs(trainer)
+    prompts, kw = eval_generation_inputs(trainer.eval_prompts, trainer.eval_image_tags, trainer.model_config,
+                                         trainer.tokenizer, trainer.format_eval_prompt, trainer.pixel_provider)
     assert [sum(1 for t in p if t == tid) for p in prompts] == [TPI, 2 * TPI, 0]
     assert kw["pixel_values"].shape == (3, 3, 16, 16)
     samples = trainer.sample_generations()

@@ -2,11 +2,14 @@
 
     smart_train [launcher options] script.py [script arguments...]
 
-Launcher options come BEFORE the script; everything after the script is handed to it untouched. The launcher
-replaces itself with the chosen command (``os.execv``), so the training script's exit status is the launcher's
-exit status and signals reach it directly. ``ds_train`` and ``ddp_train`` also set ``LLM_TRAINER_BACKEND``
-(``deepspeed`` / ``ddp``) so the trainers use the backend the user launched with, whatever ``ds_config`` says;
-``smart_train`` leaves the choice to the script (DeepSpeed when ``TrainConfig.ds_config`` is set).
+Launcher options come BEFORE the script; everything after the script is handed to it untouched (the DeepSpeed
+launcher runs with ``--no_local_rank``, so no ``--local_rank=N`` is appended; every worker finds ``RANK``,
+``LOCAL_RANK`` and ``WORLD_SIZE`` in its environment, whichever launcher started it). The launcher replaces itself
+with the chosen command (``os.execv``), so the training script's exit status is the launcher's exit status and
+signals reach it directly. ``ds_train`` and ``ddp_train`` also set ``LLM_TRAINER_BACKEND``
+(``deepspeed`` / ``ddp``) so the trainers use the backend the user launched with, whatever ``ds_config`` says,
+and rank 0 prints ``running on N ranks (backend ...)`` when the backend starts; ``smart_train`` leaves the choice
+to the script (DeepSpeed when ``TrainConfig.ds_config`` is set).
 
 ``smart_train`` picks:
   1. the DeepSpeed launcher when DeepSpeed imports and accelerators exist (``torch.cuda.is_available()``), or a
@@ -122,12 +125,16 @@ def _torchrun_command(o: LaunchOptions, nproc: int) -> list[str]:
 
 
 def _deepspeed_command(o: LaunchOptions) -> list[str]:
+    """``--no_local_rank``: DeepSpeed's runner would append ``--local_rank=N`` to the script's arguments, which a
+    strict argparse script rejects; ``LOCAL_RANK`` is in every worker's environment anyway. One node without
+    ``--master-port`` gets a free port (DeepSpeed's default, 29500, collides between concurrent jobs)."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if o.hostfile is not None:
         cmd.append(f"--hostfile={o.hostfile}")
     if o.nproc is not None:
         cmd.append(f"--num_gpus={o.nproc}")
-    if o.nnodes > 1 or o.hostfile is not None:
+    multi_node = o.nnodes > 1 or o.hostfile is not None
+    if multi_node:
         cmd.append(f"--num_nodes={o.nnodes}" if o.nnodes > 1 else "--num_nodes=-1")
     if o.node_rank is not None:  # each node started by hand, as with torchrun
         cmd += [f"--node_rank={o.node_rank}", "--no_ssh"]
@@ -135,6 +142,10 @@ def _deepspeed_command(o: LaunchOptions) -> list[str]:
         cmd.append(f"--master_addr={o.master_addr}")
     if o.master_port is not None:
         cmd.append(f"--master_port={o.master_port}")
+    elif not multi_node:
+        from llm_trainer.parallel.env import find_free_port
+        cmd.append(f"--master_port={find_free_port()}")
+    cmd.append("--no_local_rank")
     if o.module:
         cmd.append("--module")
     return cmd + [o.script] + o.script_args

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llm_trainer.chat_templates import TEMPLATES
+from llm_trainer.chat import TEMPLATES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,18 +10,21 @@ import importlib
 _EXPORTS = {
     # formats
     "DataError": "formats", "token_dtype": "formats", "open_token_array": "formats", "IndexedWriter": "formats",
-    "IndexedData": "formats", "NpyWriter": "formats", "MappedArray": "formats",
+    "IndexedData": "indexed", "NpyWriter": "formats", "MappedArray": "formats",
     # datasets
     "FileDataset": "datasets", "PretrainDataset": "datasets", "StreamingPretrainDataset": "datasets",
     "SFTDataset": "datasets", "DPODataset": "datasets", "RewardDataset": "datasets", "RLDataset": "datasets",
-    "ConcatFileDataset": "datasets", "open_dataset": "datasets", "IGNORE_INDEX": "datasets",
+    "ConcatFileDataset": "datasets", "open_dataset": "datasets",
     # sampler
     "ShardedSampler": "sampler",
     # collate
     "pad_sequences": "collate", "pack_sequences": "collate", "PadCollate": "collate", "PackingCollate": "collate",
-    "DPOCollate": "collate", "PromptCollate": "collate", "collate_for": "collate",
+    "DPOCollate": "collate", "PromptCollate": "collate", "collate_for": "collate", "pad_with_mask": "collate",
+    "length_mask": "collate", "IGNORE_INDEX": "collate",
+    # preference pairs
+    "PairDataset": "pairs", "PairCollate": "pairs", "validate_pairs": "pairs", "open_pair_dataset": "pairs",
     # prepare (the function is exported as `prepare_data`: `llm_trainer.data.prepare` is its module)
-    "prepare_data": "prepare", "PrepareStats": "prepare",
+    "prepare_data": "prepare", "PrepareStats": "reporting",
 }
 _RENAMED = {"prepare_data": "prepare"}
 

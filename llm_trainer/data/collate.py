@@ -13,7 +13,7 @@ token from whatever came before it".
   at 0 per document make the model treat each sample exactly as if it were alone (``LlmModel`` attends only within a
   document), and the first token of every document has label −100.
 - :class:`DPOCollate` — chosen rows then rejected rows in one ``[2B, L]`` batch padded to a common length.
-- :class:`PromptCollate` — left padding for generation prompts, with padding-aware ``position_ids``.
+- :class:`PromptCollate` — RL prompts as token-id lists (generation pads them itself), answers, images.
 
 All are plain picklable classes, safe for DataLoader worker processes. Items may carry ``"images"`` (a list of paths
 per sample); the batch then has ``"images"``: one list per row.
@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["pad_sequences", "pack_sequences", "PadCollate", "PackingCollate", "DPOCollate", "PromptCollate",
-           "collate_for", "IGNORE_INDEX"]
+__all__ = ["pad_sequences", "pad_with_mask", "length_mask", "pack_sequences", "PadCollate", "PackingCollate",
+           "DPOCollate", "PromptCollate", "collate_for", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -56,6 +56,14 @@ def pad_sequences(seqs: Sequence[Any], padding_value: int, side: str = "right", 
     return _pad(seqs, lengths, L, padding_value, side)
 
 
+def pad_with_mask(seqs: Sequence[Any], padding_value: int, side: str = "right",
+                  length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pad_sequences` plus its ``attention_mask`` (1 on the sequences' tokens): the one padding routine of
+    the package (collates, RL sequences, reward-model scoring, generation prompts)."""
+    ids = pad_sequences(seqs, padding_value, side=side, length=length)
+    return ids, length_mask([len(s) for s in seqs], ids.shape[1], side=side)
+
+
 def _pad(seqs: list[torch.Tensor], lengths: list[int], L: int, value: int, side: str = "right") -> torch.Tensor:
     if seqs and min(lengths) == L:
         return torch.stack(seqs)
@@ -69,7 +77,8 @@ def _pad(seqs: list[torch.Tensor], lengths: list[int], L: int, value: int, side:
     return out
 
 
-def _length_mask(lengths: Sequence[int], L: int, side: str = "right") -> torch.Tensor:
+def length_mask(lengths: Sequence[int], L: int, side: str = "right") -> torch.Tensor:
+    """``[B, L]`` 0/1 long mask of sequences of ``lengths`` padded on ``side``."""
     if lengths and min(lengths) == L:
         return torch.ones((len(lengths), L), dtype=torch.long)
     n = torch.tensor(list(lengths), dtype=torch.long)[:, None]
@@ -104,7 +113,7 @@ class PadCollate:
         out: dict[str, Any] = {
             "input_ids": _pad(ids, lengths, L, self.pad_token_id),
             "labels": _pad(labels, lengths, L, self.ignore_index),
-            "attention_mask": _length_mask(lengths, L),
+            "attention_mask": length_mask(lengths, L),
         }
         if self.eos_token_id is not None:
             self._split_documents(out)
@@ -226,7 +235,7 @@ class DPOCollate:
             "input_ids": pad_sequences(ids, self.pad_token_id, pad_to_multiple_of=m),
             "labels": pad_sequences(labels, self.ignore_index, pad_to_multiple_of=m),
         }
-        out["attention_mask"] = _length_mask([len(a) for a in ids], out["input_ids"].shape[1])
+        out["attention_mask"] = length_mask([len(a) for a in ids], out["input_ids"].shape[1])
         images = _images(batch)
         if images is not None:
             out["images"] = images + images
@@ -234,31 +243,15 @@ class DPOCollate:
 
 
 class PromptCollate:
-    """Left-padded generation prompts from RL items: ``input_ids``, ``attention_mask``, ``position_ids``
-    (``cumsum(mask) - 1``, 0 on padding), plus ``prompt_ids`` (unpadded lists, what ``generate`` takes) and, when the
-    items have them, ``answer_ids`` (lists), ``answer_text`` (strings) and ``images``."""
-
-    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None):
-        if pad_token_id is None:
-            raise ValueError("PromptCollate needs a pad_token_id")
-        self.pad_token_id, self.pad_to_multiple_of = int(pad_token_id), pad_to_multiple_of
+    """RL prompt batches: ``prompt_ids`` (unpadded token-id lists, what ``generate`` takes), ``answer_ids`` (lists,
+    None where an item has none), ``answer_text`` (strings or None) and, when the items have them, ``images``."""
 
     def __call__(self, batch: Sequence[dict]) -> dict[str, Any]:
-        key = "prompt_ids" if "prompt_ids" in batch[0] else "input_ids"
-        ids = [_as_long(b[key]) for b in batch]
-        m = self.pad_to_multiple_of
-        input_ids = pad_sequences(ids, self.pad_token_id, side="left", pad_to_multiple_of=m)
-        mask = _length_mask([len(a) for a in ids], input_ids.shape[1], side="left")
-        out: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": mask,
-            "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0),
-            "prompt_ids": [a.tolist() for a in ids],
-        }
-        if any("answer_ids" in b for b in batch):
-            out["answer_ids"] = [_as_long(b["answer_ids"]).tolist() if "answer_ids" in b else [] for b in batch]
-        if any("answer_text" in b for b in batch):
-            out["answer_text"] = [b.get("answer_text") for b in batch]
+        def ids(x):
+            return None if x is None else _as_long(x).tolist()
+        out: dict[str, Any] = {"prompt_ids": [ids(b["prompt_ids"]) for b in batch],
+                               "answer_ids": [ids(b.get("answer_ids")) for b in batch],
+                               "answer_text": [b.get("answer_text") for b in batch]}
         images = _images(batch)
         if images is not None:
             out["images"] = images
@@ -280,5 +273,5 @@ def collate_for(stage: str, pad_token_id: int, *, packing: bool = False, block_s
     if stage in ("dpo", "reward"):
         return DPOCollate(pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
     if stage == "rl":
-        return PromptCollate(pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+        return PromptCollate()
     raise ValueError(f"unknown stage {stage!r}")

@@ -7,7 +7,8 @@ Formats (full description with field names and dtypes in ``docs/data.md``):
 - **raw** ``.bin`` (any suffix other than ``.npy``/``.jsonl``/``.pkl``): a headerless token dump; the dtype must be
   stated because the file does not record it.
 - **indexed** folder: ``meta.json`` + ``tokens.npy`` + ``offsets.npy`` (+ ``loss_mask.npy``, ``prompt_lengths.npy``,
-  answer and image columns); SFT, DPO, reward-model and RL data. Every array is loaded with ``mmap_mode='r'``.
+  ``labels.npy``, answer and image columns); SFT, DPO, reward-model, RL and classification data. Every array is loaded with ``mmap_mode='r'``.
+  Written here (:class:`IndexedWriter`), read by :class:`llm_trainer.data.indexed.IndexedData`.
 - **legacy** object-array ``.npy`` / ``.pkl`` files written by other tools: only with ``allow_pickle=True``.
 
 Memory: nothing is loaded whole. Files are opened with ``np.load(mmap_mode='r')`` (shape, dtype and size checked
@@ -29,13 +30,13 @@ import numpy as np
 
 __all__ = [
     "DataError", "token_dtype", "read_npy_header", "open_token_array", "load_legacy", "MappedArray", "NpyWriter",
-    "IndexedWriter", "IndexedData", "INDEXED_FORMAT", "INDEXED_VERSION", "INDEXED_STAGES", "check_token_range",
-    "replace_path",
+    "IndexedWriter", "INDEXED_FORMAT", "INDEXED_VERSION", "INDEXED_STAGES", "first_out_of_range",
+    "out_of_range_reason", "replace_path",
 ]
 
 INDEXED_FORMAT = "llm_trainer.indexed"
 INDEXED_VERSION = 1
-INDEXED_STAGES = ("sft", "dpo", "reward", "rl")
+INDEXED_STAGES = ("sft", "dpo", "reward", "rl", "classify")
 _NPY_MAGIC = b"\x93NUMPY"
 _PICKLE_WHY = ("it holds Python objects, and loading those unpickles them, which can run arbitrary code. Pass "
                "allow_pickle=True only for files you trust, or better, convert them once with prepare_data into "
@@ -77,23 +78,32 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def check_token_range(ids: np.ndarray, vocab_size: int | None, *, file: Any = None, record: int | None = None,
-                      field: str = "tokens", signed: bool = True) -> None:
-    """Raise :class:`DataError` when an id is negative or ``>= vocab_size`` (``vocab_size=None`` checks only the
-    sign; ``signed=False`` says the ids come from an unsigned array, so the sign check is skipped)."""
-    if ids.size == 0 or (vocab_size is None and not signed):
-        return
-    if signed and ids.dtype.kind == "i":
-        lo = int(ids.min())
-        if lo < 0:
-            pos = int(np.argmax(ids < 0))
-            raise DataError(f"negative token id {lo} at position {pos}", file=file, record=record, field=field)
-    if vocab_size is not None:
-        hi = int(ids.max())
-        if hi >= vocab_size:
-            pos = int(np.argmax(ids >= vocab_size))
-            raise DataError(f"token id {hi} at position {pos} is >= the vocabulary size {vocab_size} (data prepared "
-                            "with another tokenizer?)", file=file, record=record, field=field)
+def first_out_of_range(tokens: "MappedArray", vocab_size: int | None,
+                       chunk: int = 1 << 20) -> tuple[int, int] | None:
+    """(position, id) of the first token id that is negative or ``>= vocab_size`` (``None`` checks the sign only),
+    or None. One pass over the file in chunks of ``chunk`` ids, each copied out with a positioned read (so a file
+    larger than RAM is scanned without growing the process RSS); unsigned arrays skip the sign check."""
+    if vocab_size is None and not tokens.signed:
+        return None
+    for start in range(0, len(tokens), chunk):
+        ids = tokens.read(start, start + chunk, tokens.dtype)
+        bad = None
+        if tokens.signed and ids.min() < 0:
+            bad = ids < 0
+        if vocab_size is not None and ids.max() >= vocab_size:
+            bad = (ids >= vocab_size) if bad is None else bad | (ids >= vocab_size)
+        if bad is not None:
+            pos = int(np.argmax(bad))
+            return start + pos, int(ids[pos])
+    return None
+
+
+def out_of_range_reason(token_id: int, position: int, vocab_size: int | None) -> str:
+    """The :class:`DataError` reason for :func:`first_out_of_range`'s finding."""
+    if token_id < 0:
+        return f"negative token id {token_id} at position {position}"
+    return (f"token id {token_id} at position {position} is >= the vocabulary size {vocab_size} (data prepared with "
+            "another tokenizer, or a damaged file?)")
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -385,7 +395,8 @@ class IndexedWriter:
             shutil.rmtree(self._tmp) if self._tmp.is_dir() else self._tmp.unlink()
         self._tmp.mkdir()
         self._seq = _RaggedColumn(self._tmp, "tokens.npy", "offsets.npy", self.dtype)
-        self._mask = NpyWriter(self._tmp / "loss_mask.npy", np.uint8) if stage != "rl" else None
+        self._mask = NpyWriter(self._tmp / "loss_mask.npy", np.uint8) if stage in ("sft", "dpo", "reward") else None
+        self._label = NpyWriter(self._tmp / "labels.npy", np.int64) if stage == "classify" else None
         self._prompt_len = NpyWriter(self._tmp / "prompt_lengths.npy", np.int32) if stage in ("dpo", "reward") \
             else None
         self._ans = _RaggedColumn(self._tmp, "answer_tokens.npy", "answer_offsets.npy", self.dtype) \
@@ -394,7 +405,7 @@ class IndexedWriter:
             if self.has_answers else None
         self._img = _RaggedColumn(self._tmp, "images.npy", "images_offsets.npy", np.uint8) if has_images else None
         self._buf: dict[str, list] = {k: [] for k in ("seq", "seq_len", "mask", "plen", "ans", "ans_len", "txt",
-                                                      "txt_len", "img", "img_len")}
+                                                      "txt_len", "img", "img_len", "label")}
         self._buffered = 0
         self._closed = False
 
@@ -484,6 +495,20 @@ class IndexedWriter:
             raise ValueError("this writer was created without has_answers=True")
         self._extras(images)
 
+    def add_classify(self, input_ids: Any, label: int) -> None:
+        """A classification record: the text's token ids and its class id (``labels.npy``, int64)."""
+        if self.stage != "classify":
+            raise ValueError(f"add_classify on a {self.stage!r} writer")
+        ids = self._ids(input_ids, "input_ids")
+        if ids.size == 0:
+            raise DataError("empty text (no tokens)", record=self.num_records, field="input_ids")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+            raise DataError(f"label must be a non-negative int, got {label!r}", record=self.num_records,
+                            field="label")
+        self._seq_add(ids, None)
+        self._buf["label"].append(int(label))
+        self._extras(None)
+
     def append_block(self, tokens: np.ndarray, lengths: np.ndarray, *, records: int, loss_mask: np.ndarray,
                      prompt_lengths: np.ndarray, answer_tokens: np.ndarray, answer_lengths: np.ndarray,
                      answer_text: np.ndarray, answer_text_lengths: np.ndarray, images: np.ndarray,
@@ -519,14 +544,16 @@ class IndexedWriter:
             self._ans_text.append(np.concatenate(b["txt"]), np.asarray(b["txt_len"]))
         if self._img is not None and b["img_len"]:
             self._img.append(np.concatenate(b["img"]), np.asarray(b["img_len"]))
+        if self._label is not None and b["label"]:
+            self._label.write(np.asarray(b["label"], np.int64))
         for v in b.values():
             v.clear()
         self._buffered = 0
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def _columns(self):
-        return [c for c in (self._seq, self._mask, self._prompt_len, self._ans, self._ans_text, self._img)
-                if c is not None]
+        return [c for c in (self._seq, self._mask, self._prompt_len, self._ans, self._ans_text, self._img,
+                            self._label) if c is not None]
 
     def close(self) -> Path:
         """Finish the files, write ``meta.json`` and move the folder to its final name. Returns the path."""
@@ -541,7 +568,7 @@ class IndexedWriter:
             "num_sequences": self.num_records * (2 if self.stage in ("dpo", "reward") else 1),
             "num_tokens": self.num_tokens, "token_dtype": self.dtype.name, "vocab_size": self.vocab_size,
             "max_token_id": self.max_token_id, "has_loss_mask": self._mask is not None,
-            "has_answers": self.has_answers, "has_images": self.has_images,
+            "has_answers": self.has_answers, "has_images": self.has_images, "has_labels": self._label is not None,
         }
         meta.update({k: v for k, v in self.meta.items() if k not in meta})
         with open(self._tmp / "meta.json", "w", encoding="utf-8") as f:
@@ -568,180 +595,3 @@ class IndexedWriter:
             self.close()
         else:
             self.abort()
-
-
-# ------------------------------------------------------------------------------------------------ indexed reader
-class IndexedData:
-    """Read side of the indexed format: O(1) access to sequence ``i`` (tokens, loss mask), a record's prompt length,
-    answer and image paths. Arrays are opened lazily (so a dataset pickles cheaply into DataLoader workers) and
-    memory-mapped; structure is validated at open with :class:`DataError` naming the file.
-
-    ``vocab_size``: reject data whose token ids do not fit (checked against ``meta.json`` at open and per item)."""
-
-    def __init__(self, path: str | os.PathLike, *, vocab_size: int | None = None, stages: Sequence[str] | None = None):
-        self.path = str(path)
-        self.vocab_size = vocab_size
-        folder = Path(path)
-        if not folder.exists():
-            raise DataError("dataset not found", file=self.path)
-        if not folder.is_dir():
-            raise DataError("expected an indexed dataset folder (with meta.json, tokens.npy, offsets.npy); see "
-                            "docs/data.md, or pass allow_pickle=True for an old object-array .npy/.pkl file",
-                            file=self.path)
-        meta_file = folder / "meta.json"
-        if not meta_file.is_file():
-            raise DataError("missing meta.json: not an indexed dataset folder (prepare one with prepare_data)",
-                            file=self.path)
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"invalid JSON ({e})", file=meta_file) from None
-        if not isinstance(meta, dict) or meta.get("format") != INDEXED_FORMAT:
-            raise DataError(f"'format' is not {INDEXED_FORMAT!r}", file=meta_file)
-        if meta.get("version") != INDEXED_VERSION:
-            raise DataError(f"format version {meta.get('version')!r} is not supported (this llm_trainer reads "
-                            f"version {INDEXED_VERSION})", file=meta_file)
-        stage = meta.get("stage")
-        if stage not in INDEXED_STAGES:
-            raise DataError(f"unknown stage {stage!r}", file=meta_file, field="stage")
-        if stages is not None and stage not in stages:
-            raise DataError(f"this is {stage!r} data; expected {' or '.join(repr(s) for s in stages)}", file=self.path)
-        for k in ("num_records", "num_sequences"):
-            if not isinstance(meta.get(k), int) or meta[k] < 0:
-                raise DataError(f"{k!r} must be a non-negative integer", file=meta_file, field=k)
-        if vocab_size is not None and isinstance(meta.get("max_token_id"), int) and meta["max_token_id"] >= vocab_size:
-            raise DataError(f"token ids go up to {meta['max_token_id']}, which is >= the vocabulary size {vocab_size} "
-                            f"(prepared with a tokenizer of vocab {meta.get('vocab_size')})", file=self.path)
-        self.meta = meta
-        self.stage: str = stage
-        self.num_records: int = meta["num_records"]
-        self.num_sequences: int = meta["num_sequences"]
-        self._arrays: dict[str, Any] | None = None
-
-    @classmethod
-    def from_arrays(cls, stage: str, tokens: np.ndarray, offsets: np.ndarray, *, loss_mask: np.ndarray | None = None,
-                    prompt_lengths: np.ndarray | None = None, source: str = "<memory>",
-                    vocab_size: int | None = None, **extra: np.ndarray) -> "IndexedData":
-        """In-memory instance (used for legacy pickled files)."""
-        self = cls.__new__(cls)
-        self.path, self.vocab_size, self.stage = source, vocab_size, stage
-        self.num_sequences = len(offsets) - 1
-        self.num_records = self.num_sequences // (2 if stage in ("dpo", "reward") else 1)
-        self.meta = {"stage": stage, "num_records": self.num_records, "has_images": "images" in extra,
-                     "has_answers": "answer_tokens" in extra}
-        arrays = {"tokens": MappedArray(tokens), "offsets": np.asarray(offsets, np.int64),
-                  "loss_mask": None if loss_mask is None else MappedArray(loss_mask),
-                  "prompt_lengths": prompt_lengths}
-        for k, v in extra.items():
-            arrays[k] = MappedArray(v) if not k.endswith("offsets") else np.asarray(v, np.int64)
-        self._arrays = arrays
-        return self
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        if self.path != "<memory>" and Path(self.path).is_dir():
-            state["_arrays"] = None  # reopen in the worker instead of pickling mapped arrays
-        return state
-
-    # ------------------------------------------------------------------------------------------------ opening
-    def _open(self) -> dict[str, Any]:
-        if self._arrays is not None:
-            return self._arrays
-        folder = Path(self.path)
-
-        def arr(name: str, required: bool, *, integer: bool = True, length: int | None = None):
-            f = folder / name
-            if not f.exists():
-                if required:
-                    raise DataError(f"missing {name}", file=self.path)
-                return None
-            a = open_token_array(f, what=name.removesuffix(".npy"))
-            if length is not None and len(a) != length:
-                raise DataError(f"has {len(a)} entries, expected {length}", file=f)
-            return a
-
-        def ragged(values: str, offsets: str, n: int, dtype_kind: str | None = None):
-            v = arr(values, True)
-            o = arr(offsets, True, length=n + 1)
-            if o.dtype != np.int64:
-                raise DataError(f"offsets must be int64, found {o.dtype}", file=folder / offsets)
-            if n + 1 > 0 and (int(o[0]) != 0 or int(o[-1]) != len(v)):
-                raise DataError(f"offsets must start at 0 and end at the length of {values} ({len(v)}), found "
-                                f"{int(o[0])}..{int(o[-1])}", file=folder / offsets)
-            return v, o
-
-        tokens, offsets = ragged("tokens.npy", "offsets.npy", self.num_sequences)
-        a: dict[str, Any] = {"tokens": MappedArray(tokens), "offsets": MappedArray(offsets)}
-        mask = arr("loss_mask.npy", self.stage in ("sft", "dpo", "reward"), length=len(tokens))
-        a["loss_mask"] = MappedArray(mask) if mask is not None else None
-        pl = arr("prompt_lengths.npy", self.stage in ("dpo", "reward"), length=self.num_records)
-        a["prompt_lengths"] = MappedArray(pl) if pl is not None else None
-        if self.meta.get("has_answers"):
-            for v, o in (("answer_tokens.npy", "answer_offsets.npy"), ("answer_text.npy", "answer_text_offsets.npy")):
-                vv, oo = ragged(v, o, self.num_records)
-                a[v.removesuffix(".npy")], a[o.removesuffix(".npy")] = MappedArray(vv), MappedArray(oo)
-        if self.meta.get("has_images"):
-            vv, oo = ragged("images.npy", "images_offsets.npy", self.num_records)
-            a["images"], a["images_offsets"] = MappedArray(vv), MappedArray(oo)
-        self._arrays = a
-        return a
-
-    # ------------------------------------------------------------------------------------------------- access
-    def _span(self, offsets: Any, i: int, total: int, file: str) -> tuple[int, int]:
-        if isinstance(offsets, MappedArray):
-            s, e = offsets.read(i, i + 2).tolist()
-        else:
-            s, e = int(offsets[i]), int(offsets[i + 1])
-        if not 0 <= s <= e <= total:
-            raise DataError(f"corrupt offsets [{s}, {e}) (data length {total})", file=file, record=i)
-        return s, e
-
-    def sequence(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(int64 token ids, uint8 loss mask or None) of sequence ``i``."""
-        a = self._open()
-        if not 0 <= i < self.num_sequences:
-            raise IndexError(f"sequence {i} out of range [0, {self.num_sequences})")
-        s, e = self._span(a["offsets"], i, len(a["tokens"]), os.path.join(self.path, "offsets.npy"))
-        ids = a["tokens"].read(s, e)
-        rec = i // 2 if self.stage in ("dpo", "reward") else i
-        check_token_range(ids, self.vocab_size, file=os.path.join(self.path, "tokens.npy"), record=rec,
-                          signed=a["tokens"].signed)
-        mask = a["loss_mask"].read(s, e, np.uint8) if a["loss_mask"] is not None else None
-        return ids, mask
-
-    def prompt_length(self, r: int) -> int:
-        pl = self._open()["prompt_lengths"]
-        return 0 if pl is None else (pl.item(r) if isinstance(pl, MappedArray) else int(pl[r]))
-
-    def _bytes(self, values: str, offsets: str, r: int) -> bytes:
-        a = self._open()
-        s, e = self._span(a[offsets], r, len(a[values]), os.path.join(self.path, offsets + ".npy"))
-        return a[values].read(s, e, np.uint8).tobytes()
-
-    def answer(self, r: int) -> tuple[np.ndarray, str] | None:
-        a = self._open()
-        if "answer_tokens" not in a:
-            return None
-        s, e = self._span(a["answer_offsets"], r, len(a["answer_tokens"]),
-                          os.path.join(self.path, "answer_offsets.npy"))
-        ids = a["answer_tokens"].read(s, e)
-        check_token_range(ids, self.vocab_size, file=os.path.join(self.path, "answer_tokens.npy"), record=r,
-                          signed=a["answer_tokens"].signed)
-        return ids, self._bytes("answer_text", "answer_text_offsets", r).decode("utf-8", errors="replace")
-
-    def images(self, r: int) -> list[str] | None:
-        if "images" not in self._open():
-            return None
-        b = self._bytes("images", "images_offsets", r)
-        return b.decode("utf-8").split("\0") if b else []
-
-    def lengths(self, chunk: int = 1 << 20) -> np.ndarray:
-        """Lengths of all sequences (int64), computed in chunks from the offsets."""
-        o = self._open()["offsets"]
-        n = self.num_sequences
-        out = np.empty(n, np.int64)
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            v = o.read(s, e + 1) if isinstance(o, MappedArray) else np.asarray(o[s:e + 1], np.int64)
-            out[s:e] = np.diff(v)
-        return out

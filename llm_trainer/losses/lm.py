@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "shift_labels",
+    "project",
     "lm_loss",
     "critical_token_weights",
     "chunked_lm_loss",
@@ -181,14 +182,15 @@ def _select_valid(hidden: Tensor, labels: Tensor, token_weights, ignore_index: i
     return h, y, w, idx
 
 
-def _zero_with_graph(*tensors) -> Tensor:
-    """0.0 that depends on every tensor (zero gradients everywhere, graph kept for DDP/ZeRO hooks)."""
-    out = None
-    for t in tensors:
-        if t is None:
-            continue
-        z = t.sum().float() * 0.0
-        out = z if out is None else out + z
+def _zero_with_graph(hidden: Tensor, head, bias: Tensor | None = None) -> Tensor:
+    """0.0 that depends on the hidden states and the head (zero gradients everywhere, graph kept for DDP/ZeRO
+    hooks); a projection callable is applied to an empty chunk, so every rank's loss still touches the head."""
+    out = hidden.sum().float() * 0.0
+    if callable(head) and not isinstance(head, Tensor):
+        return out + head(hidden.reshape(-1, hidden.size(-1))[:0]).float().sum()
+    for t in (head, bias):
+        if t is not None:
+            out = out + t.sum().float() * 0.0
     return out
 
 
@@ -198,8 +200,16 @@ def _maybe_checkpoint(fn, *args):
     return fn(*args)
 
 
+def project(h: Tensor, head, bias: Tensor | None = None) -> Tensor:
+    """Logits of hidden states: ``head`` is the output projection weight ``[V, H]`` (with optional ``bias``) or a
+    callable ``h -> logits`` (e.g. the one `Backend.output_projection` yields, which gathers a partitioned head)."""
+    if callable(head) and not isinstance(head, Tensor):
+        return head(h)
+    return F.linear(h, head, bias)
+
+
 def _ce_chunk(h, weight, bias, y, w):
-    logits = F.linear(h, weight, bias).float()
+    logits = project(h, weight, bias).float()
     ce = F.cross_entropy(logits, y, reduction="none")
     if w is not None:
         ce = ce * w
@@ -218,7 +228,8 @@ def chunked_lm_loss(
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of ``hidden @ lm_head_weight.T (+ bias)`` without ever holding full-batch logits.
 
-    Same value and gradient as ``lm_loss(F.linear(hidden, W, b), labels, ...)``. Only the valid (non-ignored)
+    Same value and gradient as ``lm_loss(F.linear(hidden, W, b), labels, ...)``; ``lm_head_weight`` may also be a
+    projection callable (see :func:`project`). Only the valid (non-ignored)
     positions are projected ("active token filtering"); they are processed ``chunk_size`` rows at a time, each
     chunk under ``torch.utils.checkpoint`` so in the backward pass too only one ``[chunk, V]`` float32 logits
     block (plus its gradient) is alive. The matmul runs in the input dtype (bf16 on GPU) and the chunk's
@@ -242,13 +253,13 @@ def chunked_lm_loss(
 
 
 def _ce_kd_chunk(h, weight, bias, y, w, t_logits, t_h, t_weight, t_bias, kind, beta, temperature):
-    logits = F.linear(h, weight, bias).float()
+    logits = project(h, weight, bias).float()
     ce = F.cross_entropy(logits, y, reduction="none")
     if w is not None:
         ce = ce * w
     with torch.no_grad():
         if t_logits is None:
-            t_logits = F.linear(t_h, t_weight, t_bias)
+            t_logits = project(t_h, t_weight, t_bias)
     kd = kd_divergence(logits, t_logits, kind, beta, temperature)
     return torch.stack([ce.sum(), kd.sum()])
 
@@ -294,7 +305,9 @@ def chunked_lm_kd_loss(
     else:
         t_all = None
         t_h_all = teacher_hidden.detach().reshape(-1, teacher_hidden.size(-1))
-    t_weight = None if teacher_lm_head_weight is None else teacher_lm_head_weight.detach()
+    t_weight = teacher_lm_head_weight
+    if isinstance(t_weight, Tensor):
+        t_weight = t_weight.detach()
     t_bias = None if teacher_bias is None else teacher_bias.detach()
     total = None
     for start in range(0, n, chunk_size):
@@ -351,7 +364,7 @@ def _entropy_rows(z: Tensor, lse: Tensor) -> Tensor:
 
 
 def _logps_chunk(h, weight, bias, y, temperature, with_entropy):
-    z = F.linear(h, weight, bias).float()
+    z = project(h, weight, bias).float()
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1)
@@ -373,6 +386,8 @@ def chunked_token_logps(
     return_entropy: bool = False,
 ):
     """:func:`token_logps` from hidden states, ``chunk_size`` rows at a time under checkpoint (no full logits).
+    The one log-prob routine of DPO (sequence log-probs) and RL (old, reference and current policy log-probs);
+    ``lm_head_weight`` may be a projection callable (:func:`project`).
 
     Returns ``(logps [B, S], mask)`` or, with ``return_entropy=True``, ``(logps, entropy [B, S], mask)`` where
     entropy is that of ``softmax(logits / temperature)`` (0 at masked positions; differentiable, for an entropy

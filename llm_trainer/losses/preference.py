@@ -211,14 +211,15 @@ def preference_loss(
 
 
 def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
-    """Batch means (detached): ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy``
-    (fraction of pairs with chosen reward strictly above rejected)."""
+    """Sums over the pairs (detached; the loop divides by the pairs of the window): ``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy`` (pairs with chosen reward strictly above
+    rejected)."""
     c, r = chosen_rewards.detach().float(), rejected_rewards.detach().float()
     return {
-        "rewards/chosen": c.mean(),
-        "rewards/rejected": r.mean(),
-        "rewards/margin": (c - r).mean(),
-        "rewards/accuracy": (c > r).float().mean(),
+        "rewards/chosen": c.sum(),
+        "rewards/rejected": r.sum(),
+        "rewards/margin": (c - r).sum(),
+        "rewards/accuracy": (c > r).float().sum(),
     }
 
 

@@ -1,5 +1,5 @@
-"""RL maths: KL estimators, masked statistics, reward normalisation, advantages (GAE, group-relative), PPO and
-the GRPO family of policy losses.
+"""RL maths: KL estimators, masked statistics, reward normalisation and advantages (GAE, group-relative). The
+policy and value losses that use them are in :mod:`.policy`.
 
 Shapes: per-token tensors are ``[B, T]`` over the completion tokens with a ``mask [B, T]`` (1 = a token the
 policy generated and is trained on). ``logp`` is log pi_theta of the sampled tokens (with grad), ``old_logp``
@@ -19,6 +19,7 @@ __all__ = [
     "kl_k3",
     "kl_estimate",
     "masked_sum",
+    "masked_fill_zero",
     "masked_mean",
     "masked_var",
     "masked_whiten",
@@ -28,14 +29,10 @@ __all__ = [
     "gae",
     "group_advantages",
     "zero_variance_groups",
-    "policy_ratio",
-    "ppo_policy_loss",
-    "value_loss",
-    "grpo_loss",
-    "GRPO_AGGREGATIONS",
+    "masked_moments",
+    "whiten_with_moments",
+    "KL_ESTIMATORS",
 ]
-
-GRPO_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,29 +40,42 @@ GRPO_AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Values and gradients differ. With x ~ pi (the samples held fixed, as in a policy-gradient step), every
+# estimator's *value* estimates KL(pi || pi_ref), but as a differentiable loss term its expected *gradient* is:
+#   k1: E_pi[grad log pi] = 0            -- no regularisation at all, only noise (fine inside a PPO reward);
+#   k2: grad KL(pi || pi_ref)            -- the reverse KL the penalty is meant to be;
+#   k3: grad KL(pi_ref || pi)            -- the forward KL (what DeepSeekMath's GRPO and trl use).
+# tests/test_losses_rl.py checks all three by exact expectation over a small categorical policy.
+
+
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k1 = log pi(x) - log pi_ref(x), x ~ pi: unbiased estimate of KL(pi || pi_ref), high variance, can be < 0."""
+    """k1 = log pi(x) - log pi_ref(x), x ~ pi: unbiased estimate of KL(pi || pi_ref), high variance, can be < 0.
+    As a loss term its expected gradient is zero (see above): use it only inside a reward."""
     return logp - ref_logp
 
 
 def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k2 = (log pi(x) - log pi_ref(x))**2 / 2, x ~ pi: biased, low variance, >= 0."""
+    """k2 = (log pi(x) - log pi_ref(x))**2 / 2, x ~ pi: biased, low variance, >= 0. Its expected gradient is
+    exactly grad KL(pi || pi_ref)."""
     return 0.5 * (logp - ref_logp) ** 2
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k3 = (r - 1) - log r with r = pi_ref(x) / pi(x), x ~ pi: unbiased, low variance, >= 0."""
+    """k3 = (r - 1) - log r with r = pi_ref(x) / pi(x), x ~ pi: unbiased, low variance, >= 0. Its expected
+    gradient is grad KL(pi_ref || pi) (the forward KL), not grad KL(pi || pi_ref)."""
     d = ref_logp - logp
     return torch.expm1(d) - d
 
 
 _KL = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+KL_ESTIMATORS = tuple(_KL)
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token KL(pi || pi_ref) estimate with ``estimator`` in ``k1 | k2 | k3`` (Schulman 2020)."""
+    """Per-token estimate of the value of KL(pi || pi_ref) with ``estimator`` in ``k1 | k2 | k3`` (Schulman
+    2020); see the note above on which divergence each one's gradient follows."""
     if estimator not in _KL:
-        raise ValueError(f"KL estimator must be one of {tuple(_KL)}, got {estimator!r}")
+        raise ValueError(f"KL estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
     return _KL[estimator](logp, ref_logp)
 
 
@@ -75,10 +85,18 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim=None) -> Tensor:
-    """Sum of ``x`` where ``mask`` (bool or 0/1 float weights), over ``dim`` (all if None)."""
+    """Sum of ``x`` where ``mask`` (bool or 0/1 float weights), over ``dim`` (all if None). A NaN/inf in a
+    masked-out slot does not reach the value; to keep it out of the *gradient* too, sanitise the inputs of any
+    non-linearity first (:func:`masked_fill_zero`), as the losses of :mod:`.policy` do."""
     m = mask.to(x.dtype) if x.is_floating_point() else mask.float()
-    prod = torch.where(m != 0, x * m, torch.zeros_like(x * m))  # masked NaN/inf do not leak
+    prod = torch.where(m != 0, x * m, torch.zeros_like(x * m))
     return prod.sum() if dim is None else prod.sum(dim)
+
+
+def masked_fill_zero(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` with 0 where ``mask`` is not set: applied to a loss's inputs it keeps junk in padded slots (NaN,
+    inf, huge values) out of both the value and the gradient (``torch.where`` routes no gradient there)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim=None) -> Tensor:
@@ -291,189 +309,28 @@ def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Policy losses
+# Whitening across micro-batches and ranks
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def policy_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str = "token") -> Tensor:
-    """Importance ratio ``[B, T]``.
-
-    * ``token``: ``exp(logp - old_logp)`` (PPO / GRPO).
-    * ``sequence``: GSPO (Zheng et al. 2025, sequence ratio ``s_i = exp(mean_t(logp - old))`` used in the
-      GSPO-token form ``s_{i,t} = sg[s_i] * pi(y_t) / sg[pi(y_t)]``): every token's value is ``s_i`` and its
-      gradient is ``s_i * grad log pi(y_t)``, so with per-sequence-mean aggregation the gradient equals that
-      of the sequence-level objective."""
-    old = old_logp.detach()
-    if level == "token":
-        return torch.exp(logp - old)
-    if level == "sequence":
-        seq = masked_mean(logp.detach() - old, mask, dim=-1)  # [B]
-        return torch.exp(seq).unsqueeze(-1) * torch.exp(logp - logp.detach())
-    raise ValueError(f"importance sampling level must be 'token' or 'sequence', got {level!r}")
+def masked_moments(x: Tensor, mask: Tensor) -> Tensor:
+    """``float64 [3]``: (sum, sum of squares, count) of the masked entries — add these over micro-batches and
+    all-reduce them over ranks, then :func:`whiten_with_moments`."""
+    m = mask.double()
+    v = masked_fill_zero(x.double(), mask)
+    return torch.stack([(v * m).sum(), (v * v * m).sum(), m.sum()])
 
 
-def _broadcast_adv(advantages: Tensor, like: Tensor) -> Tensor:
-    a = advantages.detach().float()
-    return a.unsqueeze(-1).expand_as(like) if a.dim() == 1 else a
-
-
-def _clip_metrics(ratio, adv, m, lo, hi) -> dict[str, Tensor]:
-    r = ratio.detach()
-    low = (r < lo) & (adv < 0)
-    high = (r > hi) & (adv > 0)
-    return {
-        "clip_frac/low": masked_mean(low.float(), m),
-        "clip_frac/high": masked_mean(high.float(), m),
-        "clip_frac": masked_mean((low | high).float(), m),
-    }
-
-
-def _common_metrics(logp, old_logp, ratio, m) -> dict[str, Tensor]:
-    lr = (logp.detach() - old_logp.detach()).float()
-    return {
-        # k3 estimate of KL(pi_old || pi_theta) from the old-policy samples: (rho - 1) - log rho
-        "approx_kl": masked_mean(torch.expm1(lr) - lr, m),
-        "ratio/mean": masked_mean(ratio.detach().float(), m),
-        "ratio/max": torch.where(m.bool(), ratio.detach().float().expand_as(lr), torch.zeros_like(lr)).amax(),
-        "num_tokens": m.sum(),
-    }
-
-
-def ppo_policy_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate, Schulman et al. 2017 eq. 7, per token:
-    ``-min(rho A, clip(rho, 1 - eps, 1 + eps_high) A)``; ``dual_clip = c > 1`` (Ye et al. 2020, dual-clip PPO)
-    additionally bounds the loss of negative-advantage tokens by ``-c A``.
-    Returns ``(loss_sum, metrics)``: the **sum** over masked tokens; the caller divides by the token count of
-    the mini-batch or accumulation window. Metrics: ``clip_frac`` (+ ``/low``, ``/high``), ``dual_clip_frac``,
-    ``approx_kl``, ``ratio/mean``, ``ratio/max``, ``num_tokens``."""
-    hi_eps = clip_eps if clip_eps_high is None else clip_eps_high
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    m = mask.float()
-    ratio = torch.exp(logp.float() - old_logp.detach().float())
-    a = _broadcast_adv(advantages, ratio)
-    loss = -torch.min(ratio * a, torch.clamp(ratio, 1.0 - clip_eps, 1.0 + hi_eps) * a)
-    metrics = _clip_metrics(ratio, a, m, 1.0 - clip_eps, 1.0 + hi_eps)
-    if dual_clip is not None:
-        cap = -dual_clip * a
-        dual = (a < 0) & (loss.detach() > cap)
-        loss = torch.where(a < 0, torch.min(loss, cap), loss)
-        metrics["dual_clip_frac"] = masked_mean(dual.float(), m)
-    metrics.update(_common_metrics(logp, old_logp, ratio, m))
-    return masked_sum(loss, m), metrics
-
-
-def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float | None = 0.2
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss (PPO2 baselines, as in Ouyang et al. 2022's PPO): per token
-    ``0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)`` with its own ``clip_range`` c (``None``:
-    unclipped ``0.5 (V - R)^2``). Returns ``(loss_sum over masked tokens, metrics)``; the caller normalises."""
-    v = values.float()
-    ret = returns.detach().float()
-    m = mask.float()
-    err = (v - ret) ** 2
-    metrics: dict[str, Tensor] = {}
-    if clip_range is not None:
-        old = old_values.detach().float()
-        v_clip = old + torch.clamp(v - old, -clip_range, clip_range)
-        err_clip = (v_clip - ret) ** 2
-        metrics["vf_clip_frac"] = masked_mean((err_clip > err).float().detach(), m)
-        err = torch.max(err, err_clip)
-    loss = 0.5 * err
-    metrics["value/mean"] = masked_mean(v.detach(), m)
-    metrics["value/error"] = masked_mean(((v - ret) ** 2).detach(), m)
-    return masked_sum(loss, m), metrics
-
-
-def grpo_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    aggregation: str = "grpo",
-    objective: str = "clip",
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float | None = None,
-    delta: float | None = None,
-    importance_sampling: str = "token",
-    ref_logp: Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    max_completion_length: int | None = None,
-    num_window_tokens: Tensor | float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO-family policy loss for one micro-batch -> ``(loss, metrics)``.
-
-    Per-token term ``l_t`` (``A`` = advantages ``[B]`` or ``[B, T]``, ``rho`` = :func:`policy_ratio`):
-    * ``objective="clip"``: ``-min(rho' A, clip(rho, 1 - eps_low, 1 + eps_high) A)`` (GRPO, Shao et al. 2024
-      eq. 3; clip-higher eps_high > eps_low from DAPO, Yu et al. 2025), with ``rho' = min(rho, delta)`` when
-      ``delta`` is set (INTELLECT-2 two-sided clipping: also caps the unclipped ratio for ``A < 0``).
-    * ``objective="cispo"``: ``-sg(clip(rho, max=1 + eps_high)) * A * logp`` (MiniMax-M1 CISPO: clipped,
-      stop-gradient IS weight; no lower bound, as in the paper; note trl's ``epsilon_high`` for cispo is the
-      absolute cap, ours is ``1 + clip_eps_high``).
-    * ``beta > 0``: ``+ beta * KL_t(pi || pi_ref)`` with ``kl_estimator`` (k3 default; needs ``ref_logp``).
-    ``importance_sampling="sequence"`` is GSPO (see :func:`policy_ratio`).
-
-    Aggregation (each is a different normaliser; ``m`` = mask, ``B`` = sequences in this micro-batch):
-    * ``grpo``: ``mean_i [sum_t m l / sum_t m]`` — per-sequence token mean, then mean over sequences.
-    * ``bnpo``: ``sum m l / sum m`` — token mean over this micro-batch.
-    * ``dr_grpo``: ``sum m l / (B * max_completion_length)`` — a constant (caller passes the generation limit),
-      Liu et al. 2025 (Dr. GRPO).
-    * ``dapo``: ``sum m l / num_window_tokens`` — token-level over the **whole accumulation window**: the caller
-      passes the number of masked tokens in all micro-batches of the optimizer step (under DDP gradient
-      averaging, the global count divided by the world size). Do **not** divide this loss again.
-    The first three are micro-batch means: with k micro-batches per optimizer step the caller divides by k
-    (as trl does). Metrics: clip fractions (``clip_frac``, ``/low``, ``/high``; ``cispo_clip_frac``),
-    ``approx_kl`` (old->new), ``kl`` (to the reference, if beta > 0), ``ratio/*``, ``loss_sum``, ``num_tokens``."""
-    if aggregation not in GRPO_AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {GRPO_AGGREGATIONS}, got {aggregation!r}")
-    if objective not in ("clip", "cispo"):
-        raise ValueError(f"objective must be 'clip' or 'cispo', got {objective!r}")
-    if aggregation == "dr_grpo" and not max_completion_length:
-        raise ValueError("dr_grpo needs max_completion_length (the constant generation limit)")
-    if aggregation == "dapo" and num_window_tokens is None:
-        raise ValueError("dapo needs num_window_tokens (masked tokens in the whole accumulation window)")
-    if beta > 0 and ref_logp is None:
-        raise ValueError("beta > 0 needs ref_logp")
-    hi_eps = clip_eps_low if clip_eps_high is None else clip_eps_high
-    m = mask.float()
-    logp32 = logp.float()
-    ratio = policy_ratio(logp32, old_logp.float(), m, importance_sampling)
-    a = _broadcast_adv(advantages, ratio)
-    metrics: dict[str, Tensor] = {}
-    if objective == "clip":
-        coef1 = ratio if delta is None else torch.clamp(ratio, max=delta)
-        coef2 = torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + hi_eps)
-        per_tok = -torch.min(coef1 * a, coef2 * a)
-        metrics.update(_clip_metrics(ratio, a, m, 1.0 - clip_eps_low, 1.0 + hi_eps))
-    else:
-        w = torch.clamp(ratio, max=1.0 + hi_eps).detach()
-        per_tok = -w * a * logp32
-        metrics["cispo_clip_frac"] = masked_mean(((ratio.detach() > 1.0 + hi_eps) & (a > 0)).float(), m)
-    if beta > 0:
-        kl = kl_estimate(logp32, ref_logp.detach().float(), kl_estimator)
-        per_tok = per_tok + beta * kl
-        metrics["kl"] = masked_mean(kl.detach(), m)
-    total = masked_sum(per_tok, m)
-    if aggregation == "grpo":
-        loss = masked_mean(per_tok, m, dim=-1).mean()
-    elif aggregation == "bnpo":
-        loss = total / m.sum().clamp(min=1.0)
-    elif aggregation == "dr_grpo":
-        loss = total / (per_tok.size(0) * float(max_completion_length))
-    else:
-        nwt = num_window_tokens if isinstance(num_window_tokens, Tensor) else torch.tensor(float(num_window_tokens))
-        loss = total / nwt.to(total.device, torch.float32).clamp(min=1.0)
-    metrics.update(_common_metrics(logp32, old_logp, ratio, m))
-    metrics["loss_sum"] = total.detach()
-    return loss, metrics
+def whiten_with_moments(x: Tensor, mask: Tensor, moments: Tensor, shift_mean: bool = True,
+                        eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` with the mean and Bessel-corrected variance of ``moments`` (from
+    :func:`masked_moments`); ``+ mean`` back when ``shift_mean=False`` (the mean is kept, the spread is
+    normalised: trl's ``masked_whiten(shift_mean=False)``). 0 outside ``mask``. Equals :func:`masked_whiten` when
+    the moments are those of ``x`` alone."""
+    n = max(float(moments[2]), 1.0)
+    mean = float(moments[0]) / n
+    var = max(float(moments[1]) / n - mean * mean, 0.0) * (n / max(n - 1.0, 1.0))
+    out = (x - mean) / math.sqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask

@@ -1,4 +1,5 @@
-"""KVCache: per-layer key/value tensors `[B, kv_heads, T, head_dim]`, growing by concatenation or preallocated."""
+"""KVCache: per-layer key/value tensors `[B, kv_heads, T, head_dim]`, growing by concatenation or preallocated;
+StaticKVCache: fixed-shape buffers written at a device-side position (decoding under CUDA graphs)."""
 from __future__ import annotations
 
 import torch
@@ -85,3 +86,50 @@ class KVCache:
                 self.keys[i] = self.keys[i][:, :, :length]
                 self.values[i] = self.values[i][:, :, :length]
         return self
+
+
+class StaticKVCache:
+    """Fixed-shape key/value buffers for decoding one token per step under CUDA graphs
+    (`torch.compile(mode="reduce-overhead")`, see `llm_trainer.generation`).
+
+    Per layer `[B, kv_heads, max_length, head_dim]`, zero where nothing was written (masked keys then weigh 0,
+    never NaN). `update` writes the step's keys/values at `position` — a 1-element device tensor that the caller
+    advances in place, so one captured graph serves every step — and returns the whole buffers; the caller's
+    attention mask hides the positions not written yet. No Python-side length changes between steps.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+        self.position = torch.zeros(1, dtype=torch.long, device=keys[0].device)
+
+    @classmethod
+    def like(cls, cache: KVCache, max_length: int) -> StaticKVCache:
+        """Zeroed buffers of `max_length` positions shaped like the layers of `cache` (batch, heads, dtype)."""
+        def zeros(t: torch.Tensor) -> torch.Tensor:
+            return t.new_zeros((t.shape[0], t.shape[1], max_length, t.shape[3]))
+
+        return cls([zeros(k) for k in cache.keys], [zeros(v) for v in cache.values])
+
+    def fits(self, cache: KVCache, max_length: int) -> bool:
+        """Whether these buffers can take `cache` (same layers, batch, heads, dtype, device) with `max_length`."""
+        return len(self.keys) == len(cache.keys) and all(
+            b.shape == (t.shape[0], t.shape[1], max_length, t.shape[3]) and b.dtype == t.dtype and b.device == t.device
+            for b, t in zip(self.keys + self.values, cache.keys + cache.values))
+
+    def load(self, cache: KVCache) -> StaticKVCache:
+        """Copy `cache` (a prefilled prompt) into the first positions, zero the rest; `position` = its length."""
+        n = cache.get_seq_length()
+        if n > self.keys[0].shape[2]:
+            raise ValueError(f"StaticKVCache: {n} cached positions exceed max_length={self.keys[0].shape[2]}")
+        for buffers, source in ((self.keys, cache.keys), (self.values, cache.values)):
+            for b, t in zip(buffers, source):
+                b[:, :, :n].copy_(t[:, :, :n])
+                b[:, :, n:].zero_()
+        self.position.fill_(n)
+        return self
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k`/`v` `[B, H, 1, D]` at `position` of `layer_idx`; return that layer's whole buffers."""
+        self.keys[layer_idx].index_copy_(2, self.position, k)
+        self.values[layer_idx].index_copy_(2, self.position, v)
+        return self.keys[layer_idx], self.values[layer_idx]

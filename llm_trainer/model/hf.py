@@ -15,11 +15,11 @@ import uuid
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .llm import LlmModel
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -63,7 +63,7 @@ def _param_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))
 
 
-def load_hf_state_dict(model: LlmModel, path: str | Path) -> None:
+def load_hf_state_dict(model: nn.Module, path: str | Path) -> None:
     """Copy every tensor of the HF folder `path` into `model`, one tensor at a time (lazy `safe_open`).
 
     All file headers are checked first (missing / unexpected keys, shapes), so nothing is written on error.
@@ -121,18 +121,28 @@ def read_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()))
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> LlmModel:
-    """Build the model on the meta device (no random init), allocate it on CPU in `dtype` (default: torch's
-    default dtype, fp32 normally) and load the weights. Returned in eval mode, like HF."""
-    config = read_config(path)
-    with torch.device("meta"):
-        model = LlmModel(config)
-    model = model.to(dtype or torch.get_default_dtype()).to_empty(device="cpu")
-    load_hf_state_dict(model, path)
-    return model.eval()
-
-
 # ---------------------------------------------------------------------------------------------------- writing
+def current_umask() -> int:
+    """The process's file-mode creation mask: read from ``/proc/self/status`` where Linux has it (the mask is never
+    changed, not even briefly); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_file_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open(path, "w")`` gives: ``0o666 & ~umask``. The ``safetensors`` writer
+    creates its files owner-only (0600), which would lock the group and others out of a shared model folder."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -147,7 +157,7 @@ def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torc
 
 
 def save_pretrained(
-    model: LlmModel,
+    model: nn.Module,
     path: str | Path,
     max_shard_size: int | str = "5GB",
     state_dict: dict[str, torch.Tensor] | None = None,
@@ -172,6 +182,7 @@ def save_pretrained(
     try:
         for name, shard in zip(names, shards):
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            set_default_file_mode(tmp / name)
         written = list(names)
         if n > 1:
             index = {

@@ -1,4 +1,5 @@
-"""Building blocks: RMSNorm, initialised Linear/Embedding, RoPE, SwiGLU MLP, grouped-query attention.
+"""Building blocks: RMSNorm, initialised Linear/Embedding, RoPE, SwiGLU MLP, grouped-query attention, and the
+per-document attention of packed batches (`DocumentLayout`: memory linear in the sequence length, no S×S mask).
 
 Initialisation lives in each leaf module's `reset_parameters`, which runs inside that module's own `__init__`.
 This matters under DeepSpeed `zero.Init`: parameters are partitioned as soon as the module that owns them is
@@ -7,6 +8,7 @@ built, so a parent-level init pass afterwards would write into empty placeholder
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -194,8 +196,10 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         cache: KVCache | None = None,
+        documents: DocumentLayout | None = None,
     ) -> torch.Tensor:
-        """`attn_mask` is boolean `[B, 1, S, K]` (True = attend) or None; `is_causal` is used only without a mask."""
+        """`attn_mask` is boolean `[B, 1, S, K]` (True = attend) or None; `is_causal` is used only without a mask.
+        `documents` (packed batches, no cache): attend within each document instead (`attn_mask` is then None)."""
         B, S, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         fused = getattr(self, "fused_qkv", None)
@@ -223,11 +227,85 @@ class Attention(nn.Module):
             else:
                 rep = self.num_heads // self.num_kv_heads
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        dropout_p = self.dropout if self.training else 0.0
+        if documents is not None:
+            return self.o_proj(documents.attend(q, k, v, dropout_p, **kwargs))
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
             is_causal=is_causal and attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=dropout_p,
             **kwargs,
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+def _bucket_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """Round each length up to a quarter-octave step (L in (2^(k-1), 2^k] → a multiple of 2^(k-3)): at most
+    four buckets per power of two, at most 25 % padding per document."""
+    bits = torch.where(lengths > 1, torch.floor(torch.log2((lengths - 1).double())).long() + 1, 0)
+    step = torch.ones_like(lengths) << (bits - 3).clamp(min=0)
+    return (lengths + step - 1) // step * step
+
+
+@dataclass
+class DocumentLayout:
+    """Where the documents of a packed batch lie, so that attention runs per document without an S×S mask.
+
+    A document is a maximal run of one id ≥ 0 within a row; every padding token (id −1) is a document of its own
+    (it attends to itself only, as with the dense mask). Documents are grouped into buckets of similar length
+    (`_bucket_lengths`); each bucket is one causal SDPA call over `[n, heads, L, head_dim]`, every document
+    right-padded to `L` — causal attention never lets a real token see the padding after it, so no mask is
+    needed, SDPA can use its flash kernels, and memory stays linear in the number of tokens.
+
+    `gather[i]` `[n_i, L_i]`: indices into the flattened `[B*S]` tokens (padding slots repeat the document's last
+    token; their outputs are dropped). `scatter` `[B*S]`: each token's row in the bucket outputs, concatenated.
+    Built once per forward and shared by all layers.
+    """
+
+    gather: list[torch.Tensor]
+    scatter: torch.Tensor
+
+    @classmethod
+    def from_document_ids(cls, document_ids: torch.Tensor) -> DocumentLayout | None:
+        """The layout of `document_ids` `[B, S]`, or None when an id recurs after another document within a row
+        (non-contiguous documents; the dense mask handles those)."""
+        B, S = document_ids.shape
+        ids = document_ids.reshape(-1)
+        new = torch.ones_like(document_ids, dtype=torch.bool)
+        new[:, 1:] = (document_ids[:, 1:] != document_ids[:, :-1]) | (document_ids[:, 1:] < 0)
+        starts = new.reshape(-1).nonzero().squeeze(1)
+        run_ids = ids[starts]
+        real = run_ids >= 0
+        keys = (starts[real] // S) * (int(run_ids.max()) + 1) + run_ids[real]  # (row, id) of every real run
+        if torch.unique(keys).numel() != keys.numel():
+            return None
+        lengths = torch.diff(starts, append=starts.new_tensor([B * S]))
+        buckets = _bucket_lengths(lengths)
+        gather, scatter, offset = [], torch.empty_like(ids), 0
+        for L in torch.unique(buckets).tolist():
+            sel = (buckets == L).nonzero().squeeze(1)
+            first, n = starts[sel][:, None], lengths[sel][:, None]
+            pos = torch.arange(L, device=ids.device)[None, :]
+            index = first + torch.minimum(pos, n - 1)
+            inside = pos < n
+            rows = offset + torch.arange(sel.numel() * L, device=ids.device).view(-1, L)
+            scatter[index[inside]] = rows[inside]
+            gather.append(index)
+            offset += sel.numel() * L
+        return cls(gather, scatter)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+               **sdpa_kwargs) -> torch.Tensor:
+        """Causal attention within each document: q `[B, H, S, D]`, k/v `[B, KV, S, D]` → `[B, S, H*D]`."""
+        B, H, S, D = q.shape
+        flat = [t.transpose(1, 2).reshape(B * S, t.shape[1], D) for t in (q, k, v)]
+        outs = []
+        for index in self.gather:
+            n, L = index.shape
+            qb, kb, vb = (t.index_select(0, index.reshape(-1)).view(n, L, -1, D).transpose(1, 2) for t in flat)
+            out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=dropout_p, **sdpa_kwargs)
+            outs.append(out.transpose(1, 2).reshape(n * L, H, D))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.index_select(0, self.scatter).view(B, S, H * D)

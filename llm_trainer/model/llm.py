@@ -3,15 +3,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .cache import KVCache
+from .cache import KVCache, StaticKVCache
 from .config import ModelConfig
-from .layers import MLP, Attention, Embedding, Linear, RMSNorm, rope_cos_sin
+from .layers import MLP, Attention, DocumentLayout, Embedding, Linear, RMSNorm, rope_cos_sin
 from .moe import SparseMoE
+
+
+PACKED_ATTENTION_IMPLS = ("per_document", "dense_mask")
 
 
 @dataclass
@@ -38,9 +42,10 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size, config.initializer_range)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, h, cos, sin, attn_mask=None, is_causal=False, cache=None, token_mask=None):
+    def forward(self, h, cos, sin, attn_mask=None, is_causal=False, cache=None, token_mask=None, documents=None):
         """Returns (hidden, raw aux loss, raw z loss); the losses are 0-d zeros for dense layers."""
-        h = h + self.dropout(self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, is_causal, cache))
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, is_causal, cache, documents)
+        h = h + self.dropout(attn)
         x = self.post_attention_layernorm(h)
         if self.is_moe:
             y, aux, z = self.mlp(x, token_mask)
@@ -87,12 +92,15 @@ def build_attention_mask(
     return mask | (k_pos == q_pos)[None, None]
 
 
-def prepare_attention(B, S, past, attention_mask, position_ids, document_ids, device):
-    """Resolve (position_ids, boolean attention mask or None, is_causal, key padding mask or None).
+def prepare_attention(B, S, past, attention_mask, position_ids, document_ids, device, per_document=True):
+    """Resolve (position_ids, boolean attention mask or None, is_causal, key padding mask or None,
+    `DocumentLayout` or None).
 
     SDPA's `is_causal` fast path is used without padding/documents on a fresh sequence, and also for pure right
     padding (a real token never sees the padding after it); a single new token over a padding-free cache needs
-    no mask at all. Otherwise one `[B, 1, S, past+S]` boolean mask is built and shared by all layers.
+    no mask at all. Packed batches (`document_ids`) attend per document through a `DocumentLayout` when
+    `per_document` (positions with attention_mask 0 count as padding, id −1), unless documents are not
+    contiguous. Otherwise one `[B, 1, S, past+S]` boolean mask is built and shared by all layers.
     """
     key_mask = None
     if attention_mask is not None:
@@ -113,7 +121,12 @@ def prepare_attention(B, S, past, attention_mask, position_ids, document_ids, de
         else:
             position_ids = torch.arange(past, past + S, device=device).expand(B, S)
 
-    attn_mask, is_causal = None, False
+    attn_mask, is_causal, documents = None, False, None
+    if document_ids is not None and per_document:
+        real_ids = document_ids if key_mask is None else torch.where(key_mask[:, past:], document_ids, -1)
+        documents = DocumentLayout.from_document_ids(real_ids)
+        if documents is not None:
+            return position_ids, None, False, key_mask, documents
     # Right padding needs no mask: causal attention never lets a real token see the padding after it.
     right_padded = key_mask is not None and past == 0 and bool((key_mask[:, 1:] <= key_mask[:, :-1]).all())
     if (key_mask is None or right_padded) and document_ids is None:
@@ -122,7 +135,7 @@ def prepare_attention(B, S, past, attention_mask, position_ids, document_ids, de
             attn_mask = build_attention_mask(S, past, None, None, device)
     else:
         attn_mask = build_attention_mask(S, past, key_mask, document_ids, device)
-    return position_ids, attn_mask, is_causal, key_mask
+    return position_ids, attn_mask, is_causal, key_mask, documents
 
 
 class LlmModel(nn.Module):
@@ -144,6 +157,9 @@ class LlmModel(nn.Module):
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, init_std=config.initializer_range)
         self._checkpointed: set[int] = set()
+        #: How packed batches (`document_ids`) attend: "per_document" (default; memory linear in the sequence
+        #: length, see `DocumentLayout`) or "dense_mask" (one boolean [B, 1, S, S] mask); see `set_packed_attention`.
+        self.packed_attention = "per_document"
 
     # ------------------------------------------------------------------ helpers
     def get_input_embeddings(self) -> nn.Embedding:
@@ -159,10 +175,31 @@ class LlmModel(nn.Module):
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
-    def set_gradient_checkpointing(self, enabled: bool = True, layers=None) -> None:
-        """Recompute the given layers (all when None) in backward; not applied while a KV cache is in use."""
-        idx = range(len(self.model.layers)) if layers is None else layers
-        self._checkpointed = set(idx) if enabled else self._checkpointed - set(idx)
+    def set_gradient_checkpointing(self, enabled: bool = True, layers: Iterable[int] | slice | None = None) -> None:
+        """Recompute the activations of the selected blocks in backward instead of keeping them (not applied while
+        a KV cache is in use). `layers`: None = every block; a `slice` (e.g. `slice(None, None, 2)` = every other
+        block, `slice(0, 4)` = the first four); or block indices (negative ones count from the end).
+        `enabled=False` turns the selected blocks back off; other blocks keep their setting."""
+        n = len(self.model.layers)
+        if layers is None:
+            idx = set(range(n))
+        elif isinstance(layers, slice):
+            idx = set(range(n)[layers])
+        else:
+            idx = set()
+            for i in layers:
+                if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+                    raise ValueError(f"set_gradient_checkpointing: layer index {i!r} is not an int in [-{n}, {n})"
+                                     f" (the model has {n} blocks)")
+                idx.add(i % n)
+        self._checkpointed = self._checkpointed | idx if enabled else self._checkpointed - idx
+
+    def set_packed_attention(self, impl: str) -> None:
+        """How packed batches attend: "per_document" (default: per-document causal SDPA, no S×S mask) or
+        "dense_mask" (one boolean [B, 1, S, S] mask; memory quadratic in S). Both give the same outputs."""
+        if impl not in PACKED_ATTENTION_IMPLS:
+            raise ValueError(f"packed attention must be one of {PACKED_ATTENTION_IMPLS}, got {impl!r}")
+        self.packed_attention = impl
 
     def num_parameters(self, trainable_only: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameter count (ZeRO-3 aware via `ds_numel`); `exclude_embeddings` drops the input embedding."""
@@ -217,8 +254,8 @@ class LlmModel(nn.Module):
         if document_ids is not None and past:
             raise ValueError("document_ids (packing) cannot be combined with a non-empty past_key_values cache")
 
-        position_ids, attn_mask, is_causal, key_mask = prepare_attention(
-            B, S, past, attention_mask, position_ids, document_ids, device
+        position_ids, attn_mask, is_causal, key_mask, documents = prepare_attention(
+            B, S, past, attention_mask, position_ids, document_ids, device, self.packed_attention == "per_document"
         )
         cos, sin = rope_cos_sin(self.config, position_ids.to(device), h.dtype)
 
@@ -235,7 +272,7 @@ class LlmModel(nn.Module):
         weighted = h.new_zeros((), dtype=torch.float32)
         use_ckpt = self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.model.layers):
-            args = (h, cos, sin, attn_mask, is_causal, cache, token_mask)
+            args = (h, cos, sin, attn_mask, is_causal, cache, token_mask, documents)
             if use_ckpt and i in self._checkpointed:
                 h, layer_aux, layer_z = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -258,7 +295,7 @@ class LlmModel(nn.Module):
     def decode_step(
         self,
         input_ids: torch.Tensor,
-        cache: KVCache,
+        cache: KVCache | StaticKVCache,
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
@@ -271,15 +308,18 @@ class LlmModel(nn.Module):
         attend), or None when every query may see every cached key (one new token over an unpadded cache). The ids
         are trusted (no vocabulary range check: they come from the model's own output projection). Same numerics
         as `forward`; MoE layers route without a token mask (at inference, outputs do not depend on it).
+        `cache` may also be a `StaticKVCache` (one token per step, with an `attn_mask` over all its positions).
         """
         if self.training:
             raise RuntimeError("decode_step is for inference; call model.eval() first")
         h = self.model.embed_tokens(input_ids)
         S = input_ids.shape[1]
-        past = cache.get_seq_length()
-        is_causal = attn_mask is None and past == 0 and S > 1
-        if attn_mask is None and past and S > 1:
-            attn_mask = build_attention_mask(S, past, None, None, h.device)
+        is_causal = False
+        if attn_mask is None and S > 1:
+            past = cache.get_seq_length()
+            is_causal = past == 0
+            if past:
+                attn_mask = build_attention_mask(S, past, None, None, h.device)
         for layer in self.model.layers:
             h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attn_mask, is_causal, cache)
             x = layer.post_attention_layernorm(h)
@@ -296,10 +336,16 @@ class LlmModel(nn.Module):
     # ------------------------------------------------------------------ HF folders
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> LlmModel:
-        """Load a HF-format folder (config.json + safetensors); see `llm_trainer.model.hf`."""
-        from .hf import from_pretrained
+        """Load a HF-format folder (config.json + safetensors; see `llm_trainer.model.hf`): built on the meta device
+        (no random init), allocated on CPU in ``dtype`` (default: torch's default dtype), weights loaded; returned
+        in eval mode, like HF."""
+        from .hf import load_hf_state_dict, read_config
 
-        return from_pretrained(path, dtype=dtype)
+        with torch.device("meta"):
+            model = cls(read_config(path))
+        model = model.to(dtype or torch.get_default_dtype()).to_empty(device="cpu")
+        load_hf_state_dict(model, path)
+        return model.eval()
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
         """Write a HF-format folder atomically; see `llm_trainer.model.hf`."""

@@ -8,6 +8,9 @@ and adds ``lora_A.weight`` ``[r, in]`` (Kaiming-uniform, a=√5, as nn.Linear) a
 Adapters are saved PEFT-style (``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight``
 and ``adapter_config.json`` with ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``peft_type: LORA``),
 so our module names — which follow Hugging Face Llama/Qwen — load into ``peft`` as well.
+
+QLoRA: ``quantize_base(apply_lora(model, ...), "nf4" | "int8")`` stores the frozen base weights quantized under
+the same adapters (:mod:`llm_trainer.model.quant`).
 """
 from __future__ import annotations
 
@@ -62,8 +65,12 @@ class LoRALinear(nn.Module):
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
         return (delta * self.scaling).to(self.weight.dtype)
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone: ``W x + b``."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base_forward(x)
         if self.merged or self.disabled:
             return y
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
@@ -80,6 +87,18 @@ class LoRALinear(nn.Module):
             self.weight.sub_(self.delta_weight())
             self.merged = False
 
+    def to_linear(self, merge: bool = True) -> nn.Linear:
+        """A plain ``nn.Linear`` holding this layer's weight Parameter, the adapter merged into it when ``merge``
+        (else the weight without the adapter)."""
+        if merge:
+            self.merge()
+        else:
+            self.unmerge()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = self.weight
+        lin.bias = self.bias
+        return lin
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, alpha={self.alpha:g}, merged={self.merged}")
@@ -95,8 +114,8 @@ def has_lora(model: nn.Module) -> bool:
     return any(True for _ in _lora_modules(model))
 
 
-def _is_router(parent: nn.Module, child_name: str) -> bool:
-    # the MoE router's weight is read directly (F.linear on gate.weight), so an adapter there would be ignored
+def is_router(parent: nn.Module, child_name: str) -> bool:
+    """Whether ``parent.<child_name>`` is a MoE router (its weight is read directly, so it cannot be wrapped)."""
     return child_name == "gate" and type(parent).__name__ == "SparseMoE"
 
 
@@ -113,6 +132,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     ``target_modules``: a list of module-name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``),
     a regex string matched against full module names, or ``"all-linear"`` (every ``nn.Linear`` except ``lm_head``
     and MoE routers). Default: the attention and MLP projections. A target that matches nothing is an error.
+    For QLoRA, :func:`llm_trainer.model.quant.quantize_base` then stores the frozen base weights quantized.
     """
     if not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
@@ -137,10 +157,10 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             linear_names.append(full)
             if targets == "all-linear":
-                hit = child_name != "lm_head" and not _is_router(parent, child_name)
+                hit = child_name != "lm_head" and not is_router(parent, child_name)
             else:
                 hit = _matches(full, targets)
-                if hit and _is_router(parent, child_name):
+                if hit and is_router(parent, child_name):
                     raise ValueError(f"{full} is a MoE router; LoRA cannot adapt it (its weight is read directly)")
             if hit:
                 replace.append((parent, child_name, full))
@@ -196,15 +216,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
-                if merge:
-                    child.merge()
-                else:
-                    child.unmerge()
-                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                device="meta")
-                lin.weight = child.weight
-                lin.bias = child.bias
-                setattr(parent, child_name, lin)
+                setattr(parent, child_name, child.to_linear(merge))
     for p in model.parameters():
         p.requires_grad_(True)
     if hasattr(model, "_lora_config"):
@@ -236,6 +248,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
     values (merging does not change A/B). Returns the directory."""
     from safetensors.torch import save_file
 
+    from .hf import set_default_file_mode
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {_PEFT_PREFIX + k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
@@ -244,6 +257,7 @@ def save_lora(model: nn.Module, directory: str | os.PathLike, base_model_name_or
                 "base_model_name_or_path": base_model_name_or_path, "inference_mode": True})
     tmp = d / (ADAPTER_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    set_default_file_mode(tmp)
     os.replace(tmp, d / ADAPTER_WEIGHTS)
     (d / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     return str(d)

@@ -50,12 +50,14 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = Linear(h, 1, init_std=std) if m.shared_expert_gate else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router on `[T, H]` → (logits fp32, probs fp32, top-k weights fp32, top-k expert ids)."""
+        """Router on `[T, H]` → (logits fp32, probs fp32, top-k weights fp32, top-k expert ids); fp32 under
+        autocast too (autocast would run the gate's matmul in bf16/fp16)."""
         xr = x.float()
         if self.training and self.cfg.router_jitter > 0:
             j = self.cfg.router_jitter
             xr = xr * torch.empty_like(xr).uniform_(1.0 - j, 1.0 + j)
-        logits = F.linear(xr, self.gate.weight.float())
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(xr, self.gate.weight.float())
         probs = logits.softmax(dim=-1)
         weights, idx = probs.topk(self.cfg.num_experts_per_tok, dim=-1)
         if self.cfg.norm_topk_prob:

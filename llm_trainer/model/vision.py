@@ -334,12 +334,15 @@ class VisionEncoder(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
+        from .hf import set_default_file_mode
+
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"model_type": "llm_trainer_vision", "vision_config": self.config.to_dict()}, f, indent=2)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
                   os.path.join(path, "model.safetensors"))
+        set_default_file_mode(os.path.join(path, "model.safetensors"))
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, source: str = "") -> None:
         """Copy a SigLIP/CLIP-vision state dict (any of the usual prefixes) into this encoder; raises naming

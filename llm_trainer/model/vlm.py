@@ -350,6 +350,8 @@ class VlmModel(nn.Module):
         ``max_shard_size`` is accepted for `LlmModel` compatibility; VLM weights are written as one file."""
         from safetensors.torch import save_model
 
+        from .hf import set_default_file_mode
+
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
         tmp = os.path.join(path, "config.json.tmp")
@@ -357,6 +359,7 @@ class VlmModel(nn.Module):
             json.dump(self.config.to_dict(), f, indent=2)
         os.replace(tmp, os.path.join(path, "config.json"))
         save_model(self, os.path.join(path, "model.safetensors"))
+        set_default_file_mode(os.path.join(path, "model.safetensors"))
 
     def load_pretrained_weights(self, path: str | os.PathLike) -> None:
         """Load ``model.safetensors`` of a saved VLM folder into this model, strictly (shapes and names)."""

@@ -1,6 +1,7 @@
 """Execution backends behind one interface: single process, torch DDP, DeepSpeed (see base.Backend)."""
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Literal
 
@@ -44,15 +45,27 @@ def get_backend(ds_config: DsConfig | None = None, dtype: str | torch.dtype | No
                 device: str | torch.device | None = None) -> Backend:
     """Pick and build the backend for this process.
 
-    ``kind='auto'``: DeepSpeed when ``ds_config`` is given, DeepSpeed imports and ``WORLD_SIZE > 1``; else DDP when
-    ``WORLD_SIZE > 1``; else single process (only the ``ds_config``'s dtype is then used: one process gains
-    nothing from ZeRO). ``kind='deepspeed'`` forces DeepSpeed (also for one process, e.g. to test a config).
-    ``dtype`` None: the DeepSpeed config decides (bf16 by default) when one is given, else fp32. ``env`` defaults to the
-    launcher variables (``parallel.env.read_env``).
+    ``kind='auto'``: the backend a launcher forced (``ds_train``: DeepSpeed, ``ddp_train``: DDP; then rank 0 prints
+    ``running on N ranks (backend ...)`` to stderr); else DeepSpeed when ``ds_config`` is given, DeepSpeed imports
+    and ``WORLD_SIZE > 1``; else DDP when ``WORLD_SIZE > 1``; else single process (only the ``ds_config``'s dtype
+    is then used: one process gains nothing from ZeRO). ``kind='deepspeed'`` forces DeepSpeed (also for one
+    process, e.g. to test a config). ``dtype`` None: the DeepSpeed config decides (bf16 by default) when one is
+    given, else fp32. ``env`` defaults to the launcher variables (``parallel.env.read_env``).
     """
     env = env or read_env()
+    launched = kind == "auto" and launcher_backend() in ("ddp", "deepspeed")
     if kind == "auto":   # ds_train / ddp_train say which backend the user launched with
         kind = launcher_backend()
+    backend = _build_backend(ds_config, dtype, kind, env, run_dir, device)
+    if launched and backend.is_main:
+        n = backend.world_size
+        print(f"running on {n} rank{'s' if n != 1 else ''} (backend {backend.description})", file=sys.stderr,
+              flush=True)
+    return backend
+
+
+def _build_backend(ds_config: DsConfig | None, dtype: str | torch.dtype | None, kind: str, env: DistEnv,
+                   run_dir: str | None, device: str | torch.device | None) -> Backend:
     if kind not in ("auto", "single", "ddp", "deepspeed"):
         raise ValueError(f"kind must be 'auto', 'single', 'ddp' or 'deepspeed', got {kind!r}")
     if kind == "deepspeed" or (kind == "auto" and ds_config is not None and env.world_size > 1
@@ -66,7 +79,7 @@ def get_backend(ds_config: DsConfig | None = None, dtype: str | torch.dtype | No
     if kind == "ddp" or (kind == "auto" and env.world_size > 1):
         if kind == "auto" and ds_config is not None:
             warnings.warn("ds_config given but DeepSpeed cannot be imported: falling back to torch DDP",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
         from .ddp import DDPBackend
         return DDPBackend(dtype, device=device, env=env)
     return SingleBackend(dtype, device=device, env=env)

@@ -21,21 +21,28 @@ loss -- uneven token counts per rank or per micro-batch are weighted correctly. 
 average over ranks (DDP and DeepSpeed do by default; see ddp.py and deepspeed.py for how each undoes it) and must
 not divide by the number of accumulation steps (DeepSpeed does by default).
 
-Collectives: ``all_reduce``, ``broadcast_object``, ``barrier``, ``full_state_dict``, ``save``, ``load`` and
-entering/leaving ``gathered_for_generation`` must be called by every rank.
+Frozen models (reference, teacher) come from ``frozen_replica``; chunked log-probs project hidden states through
+``output_projection``. Trainers never ask which backend or ZeRO stage they run on.
+
+Collectives: ``all_reduce``, ``broadcast_object``, ``barrier``, ``full_state_dict``, ``save``, ``load``,
+``frozen_replica``, entering ``output_projection`` and entering/leaving ``gathered_for_generation`` must be called
+by every rank.
 """
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .env import DistEnv
+from .frozen import (built_module, cast_floating_params, check_replica_args, detached_copy, freeze,
+                     head_parameters)
 
-__all__ = ["Backend", "normalize_dtype", "torch_dtype"]
+__all__ = ["Backend", "head_projection", "normalize_dtype", "torch_dtype"]
 
 _DTYPE_ALIASES = {
     "fp32": "fp32", "float32": "fp32", "float": "fp32", "32": "fp32",
@@ -68,11 +75,19 @@ def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return _TORCH_DTYPES[normalize_dtype(dtype)]
 
 
+def head_projection(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``hidden -> logits`` through ``model``'s LM head: its ``lm_head`` module (LoRA and ZeRO-3 hooks apply), else
+    its tied embedding weight (``model.lm_head_weight()``)."""
+    weight, bias = head_parameters(model)
+    return lambda h: F.linear(h, weight, bias)
+
+
 class Backend(ABC):
     """One execution strategy. Subclasses: SingleBackend, DDPBackend, DeepSpeedBackend."""
 
     name: str = "base"
     can_discard_gradients: bool = True   # zero_grad() after backward without step() drops the window
+    can_load_other_world_size: bool = True   # save() writes full, unpartitioned state any world size can load
 
     def __init__(self, env: DistEnv, device: torch.device, dtype: str | torch.dtype | None = "fp32") -> None:
         self.env = env
@@ -104,9 +119,15 @@ class Backend(ABC):
         return (f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size}, device={self.device}, "
                 f"dtype={self.dtype})")
 
+    @property
+    def description(self) -> str:
+        """One line for the launch banner, e.g. ``ddp/gloo, fp32, cpu``."""
+        return f"{self.name}, {self.dtype}, {self.device.type}"
+
     # -- model lifecycle --------------------------------------------------------------------------------------
-    def model_init_context(self) -> contextlib.AbstractContextManager:
-        """Context to construct the model in (ZeRO-3: partitioned at construction). Default: nothing special."""
+    def model_init_context(self, hidden_size: int | None = None) -> contextlib.AbstractContextManager:
+        """Context to construct the model in (ZeRO-3: partitioned at construction, ``hidden_size`` resolves its
+        'auto' sizes). Default: nothing special."""
         return contextlib.nullcontext()
 
     @abstractmethod
@@ -157,18 +178,62 @@ class Backend(ABC):
         """Yield a plain module with full weights for generation/eval (collective under ZeRO-3)."""
         yield self.unwrap(model)
 
-    def full_state_dict(self, model: torch.nn.Module | None = None, *,
-                        fp32_master: bool = False) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, model: torch.nn.Module | None = None, *, fp32_master: bool = False,
+                        copy: bool = True) -> dict[str, torch.Tensor]:
         """Full CPU state dict on the main rank, ``{}`` elsewhere. Collective: call on every rank.
         ``fp32_master``: the optimizer's fp32 master weights where they differ from the module's (DeepSpeed
-        bf16/fp16); torch backends keep fp32 parameters, so it changes nothing there."""
+        bf16/fp16); torch backends keep fp32 parameters, so it changes nothing there. ``copy=False``: tensors
+        already on the CPU are returned as (detached) views of the live parameters, not copies — for a caller
+        that only reads them right away, such as an export (no second copy of the model in memory)."""
         if not self.is_main:
             self.barrier()
             return {}
-        sd = {k: v.detach().to("cpu", copy=True) for k, v in self.unwrap(model).state_dict().items()}
+        sd = {k: v.detach().to("cpu", copy=copy) for k, v in self.unwrap(model).state_dict().items()}
         self.barrier()
         return sd
 
+    # -- frozen models and the output projection ----------------------------------------------------------
+    def frozen_replica(self, *, source: torch.nn.Module | None = None,
+                       build: Callable[[], torch.nn.Module] | None = None) -> torch.nn.Module:
+        """A frozen model for inference next to the trained one (DPO/GRPO/PPO reference, KD teacher).
+
+        Exactly one of ``source`` -- a module whose CURRENT weights are copied (the plain trained module or its
+        wrapper; e.g. the initial policy) -- and ``build`` -- a zero-argument callable that constructs a module,
+        loads its weights and returns the module, called inside :meth:`model_init_context` (a teacher, or a
+        reference from another path). Returns a module in eval mode with ``requires_grad=False`` everywhere and
+        gradient checkpointing off, on this backend's device, its floating-point parameters in the dtype the
+        backend's forward runs in (torch backends: fp32 + :meth:`autocast`; DeepSpeed: the engine's dtype). Call it like
+        the trained model (same kwargs, same output object). Torch backends and ZeRO 0-2: a plain module (a
+        hook-free detached deep copy of ``source``, or what ``build`` made; no wrapper, it is never trained).
+        ZeRO-3 overrides this with a partitioned inference engine. Collective: every rank calls it."""
+        check_replica_args(source, build)
+        replica = detached_copy(self.unwrap(source)) if source is not None else built_module(build)
+        freeze(replica)
+        cast_floating_params(replica, self.frozen_param_dtype())
+        return replica.to(self.device)
+
+    def frozen_param_dtype(self) -> torch.dtype:
+        """Parameter dtype of frozen replicas: torch backends keep fp32 parameters and autocast the forward."""
+        return torch.float32
+
+    @contextlib.contextmanager
+    def output_projection(self, model: torch.nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """Yield ``project(hidden [..., H]) -> logits [..., V]``: the LM head of ``model`` (``model.lm_head``, or
+        the tied embedding weight via ``model.lm_head_weight()``) applied to final hidden states, for chunked
+        log-probs without a full ``[B, S, V]`` logits tensor. ``model`` is the language model itself (its
+        wrapper is unwrapped): ``PolicyValueModel.policy``, a ``VlmModel``, a frozen replica.
+
+        ``project`` may be called any number of times inside the context (different numbers of chunks on
+        different ranks are fine: it runs no collective) and also later, by activation-checkpoint recomputation
+        in backward. Gradients reach the head weight (for tied embeddings, summed with the embedding's own) as
+        the full-logits forward would give them. With DDP or ZeRO, the loss on every rank must depend on at
+        least one ``project`` output (project an empty ``[0, H]`` chunk when a rank has no token), or the head's
+        gradient would be missing from the all-reduce on that rank. Call it inside :meth:`autocast` like the
+        forward. Collective under ZeRO-3 (every rank enters); here: the parameters themselves."""
+        weight, bias = head_parameters(self.unwrap(model))
+        yield lambda hidden: F.linear(hidden, weight, bias)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
     @abstractmethod
     def save(self, directory: str, client_state: dict | None = None) -> None:
         """Write a resumable checkpoint (model + optimizer [+ scaler] + client_state) into ``directory``."""

@@ -9,6 +9,7 @@ micro-batch sums the whole window.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 from typing import Any, Iterator
 
@@ -56,12 +57,17 @@ class DDPBackend(_TorchOptimBackend):
             dist.init_process_group(self.dist_backend, init_method="env://", rank=env.rank,
                                     world_size=env.world_size)
             self._owns_group = True
+            atexit.register(self.close)     # a live gloo group at interpreter exit can abort the process
         elif dist.get_world_size() != env.world_size:
             raise RuntimeError(f"existing process group has {dist.get_world_size()} ranks, "
                                f"WORLD_SIZE says {env.world_size}")
 
     def _dist_ready(self) -> bool:
         return dist.is_initialized()
+
+    @property
+    def description(self) -> str:
+        return f"ddp/{self.dist_backend}, {self.dtype}, {self.device.type}"
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,
              micro_batch_size: int = 1, grad_accum: int = 1, grad_clip: float | None = None,

@@ -12,21 +12,34 @@ Accumulation boundaries are owned by the loop, not by DeepSpeed's micro-step cou
 Gradient clipping happens inside ``engine.step()`` with the value in the DeepSpeed config
 (``DsConfig.gradient_clipping`` or ``wrap(grad_clip=...)``), so ``clip()`` only checks the value and returns
 None; ``step()`` returns the global pre-clip gradient norm.
+
+``'auto'`` ZeRO sizes (``DsZero3Config``'s prefetch bucket and parameter persistence threshold, any
+``reduce_bucket_size='auto'``) resolve from the model's hidden size: ``wrap`` reads ``config.hidden_size`` of the
+model (or takes ``hidden_size=``). ``zero.Init`` decides which parameters stay whole on every rank (persistent)
+while the model is built, before its hidden size is known unless ``model_init_context(hidden_size=...)`` is given;
+without it nothing is made persistent at construction and ``wrap`` marks the small parameters persistent with the
+resolved threshold -- the same set either way. (DeepSpeed's own default threshold, 1e5 elements, would keep every
+parameter of a small model whole on every rank: no partitioning at all.)
+
+Frozen models: ``frozen_replica`` under ZeRO-3 is a DeepSpeed inference engine (``deepspeed.initialize`` without
+an optimizer) over a model built partitioned; ``output_projection`` gathers the head once (see zero3.py).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from .base import Backend
+from .base import Backend, torch_dtype
 from .ds_config import DsConfig
 from .env import DistEnv, ensure_rendezvous_env, read_env
+from .frozen import built_module, check_replica_args, freeze, head_parameters, model_hidden_size
 
 __all__ = ["DeepSpeedBackend", "deepspeed_available", "DS_CONFIG_FILE"]
 
@@ -47,6 +60,7 @@ class DeepSpeedBackend(Backend):
 
     name = "deepspeed"
     can_discard_gradients = False
+    can_load_other_world_size = False   # ZeRO shards optimizer (stage 3: parameter) state per rank
 
     def __init__(self, ds_config: DsConfig | None = None, dtype: str | torch.dtype | None = None,
                  env: DistEnv | None = None, run_dir: str | None = None, dist_backend: str | None = None) -> None:
@@ -70,6 +84,7 @@ class DeepSpeedBackend(Backend):
         if not dist.is_initialized():
             ensure_rendezvous_env(env)
             self._owns_group = True
+            atexit.register(self.close)     # a live gloo group at interpreter exit can abort the process
         deepspeed.init_distributed(dist_backend=self.dist_backend, auto_mpi_discovery=False,
                                    rank=env.rank, world_size=env.world_size, verbose=False)
         self.engine = None
@@ -79,23 +94,42 @@ class DeepSpeedBackend(Backend):
 
     # -- config -----------------------------------------------------------------------------------------------
     @property
-    def stage(self) -> int:
-        return self.ds_config.stage
+    def zero_stage(self) -> int:
+        """The ZeRO stage (0-3) of this backend's DeepSpeed config."""
+        return self.ds_config.zero_config.stage
 
-    def build_ds_dict(self, micro_batch_size: int = 1, grad_accum: int = 1, grad_clip: float | None = None,
-                      hidden_size: int | None = None) -> dict:
+    @property
+    def description(self) -> str:
+        return f"deepspeed ZeRO-{self.zero_stage}, {self.dtype}, {self.device.type}"
+
+    def _ds_dict(self, micro_batch_size: int = 1, grad_accum: int = 1, grad_clip: float | None = None,
+                 hidden_size: int | None = None) -> dict:
         return self.ds_config.to_ds_dict(micro_batch_size, grad_accum, self.dtype, grad_clip,
                                          hidden_size=hidden_size)
 
+    def _resolved_hidden_size(self, model: torch.nn.Module, hidden_size: int | None) -> int | None:
+        """``hidden_size`` or the model's ``config.hidden_size``; raises when an 'auto' size needs it and it is
+        unknown (DeepSpeed's defaults would silently apply)."""
+        hidden_size = hidden_size if hidden_size is not None else model_hidden_size(model)
+        auto = self.ds_config.zero_config.auto_fields()
+        if hidden_size is None and auto:
+            raise ValueError(f"DeepSpeed config: {', '.join(auto)} = 'auto' resolves from the model's hidden size, "
+                             f"but {type(model).__name__} has no config.hidden_size: pass wrap(hidden_size=...) or "
+                             f"set these sizes to numbers in the ZeRO config")
+        return hidden_size
+
     def model_init_context(self, hidden_size: int | None = None) -> contextlib.AbstractContextManager:
         """``deepspeed.zero.Init`` for ZeRO-3 (parameters are partitioned as modules are built, in the
-        config's dtype: bf16 when bf16 is on); nothing for stages 0-2."""
-        if self.stage != 3:
+        config's dtype: bf16 when bf16 is on); nothing for stages 0-2. ``hidden_size`` resolves the 'auto'
+        persistence threshold now; without it no parameter is persistent until ``wrap`` (module docstring)."""
+        if self.zero_stage != 3:
             return contextlib.nullcontext()
         import deepspeed
-        cfg = self.build_ds_dict(hidden_size=hidden_size)
+        cfg = self._ds_dict(hidden_size=hidden_size)
+        zero = cfg["zero_optimization"]
+        zero.setdefault("stage3_param_persistence_threshold", 0)  # unresolved 'auto': decided at wrap
         remote = None
-        offload = cfg["zero_optimization"].get("offload_param")
+        offload = zero.get("offload_param")
         if offload is not None:
             remote = offload["device"]
         return deepspeed.zero.Init(config_dict_or_path=cfg, remote_device=remote)
@@ -104,12 +138,14 @@ class DeepSpeedBackend(Backend):
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,
              micro_batch_size: int = 1, grad_accum: int = 1, grad_clip: float | None = None,
              hidden_size: int | None = None, **kwargs: Any) -> torch.nn.Module:
-        """``deepspeed.initialize`` with the client ``optimizer`` (never a DeepSpeed-built one). The JSON config
-        is written to ``run_dir/ds_config.json`` by the main rank when ``run_dir`` was given."""
+        """``deepspeed.initialize`` with the client ``optimizer`` (never a DeepSpeed-built one). 'auto' sizes
+        resolve from ``hidden_size`` or the model's ``config.hidden_size``. The JSON config is written to
+        ``run_dir/ds_config.json`` by the main rank when ``run_dir`` was given."""
         import deepspeed
         if optimizer is None:
             raise ValueError("DeepSpeedBackend.wrap needs the client torch optimizer (AdamW, Lion, ...)")
-        self.ds_dict = self.build_ds_dict(micro_batch_size, grad_accum, grad_clip, hidden_size)
+        hidden_size = self._resolved_hidden_size(model, hidden_size)
+        self.ds_dict = self._ds_dict(micro_batch_size, grad_accum, grad_clip, hidden_size)
         if self.run_dir is not None and self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             tmp = os.path.join(self.run_dir, f".{DS_CONFIG_FILE}.tmp")
@@ -125,6 +161,50 @@ class DeepSpeedBackend(Backend):
     def unwrap(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
         model = self._model(model)
         return getattr(model, "module", model)
+
+    # -- frozen models and the output projection ----------------------------------------------------------
+    def frozen_param_dtype(self) -> torch.dtype:
+        """The engine runs the module in its own dtype (bf16/fp16 parameters when enabled)."""
+        return torch_dtype(self.dtype)
+
+    def frozen_replica(self, *, source: torch.nn.Module | None = None,
+                       build: Callable[[], torch.nn.Module] | None = None) -> torch.nn.Module:
+        """See :meth:`Backend.frozen_replica`. ZeRO-3: a DeepSpeed inference engine over a partitioned model --
+        ``build`` runs inside ``zero.Init``; for ``source`` the architecture is rebuilt partitioned
+        (``type(source)(source.config)``) and the weights copied one gathered parameter at a time. The engine
+        is called like the module and returns its output object. Collective: every rank calls it."""
+        if self.zero_stage != 3:
+            return super().frozen_replica(source=source, build=build)
+        import deepspeed
+        from .zero3 import copy_into_partitioned, rebuild_like
+        check_replica_args(source, build)
+        if source is not None:
+            plain = self.unwrap(source)
+            with self.model_init_context(hidden_size=model_hidden_size(plain)):
+                replica = rebuild_like(plain)
+            copy_into_partitioned(plain, replica, self.rank)
+        else:
+            with self.model_init_context():
+                replica = built_module(build)
+        freeze(replica)
+        cfg = self._ds_dict(grad_clip=0.0, hidden_size=self._resolved_hidden_size(replica, None))
+        cfg["zero_optimization"].pop("offload_optimizer", None)   # no optimizer
+        engine, *_ = deepspeed.initialize(model=replica, config=cfg, dist_init_required=False)
+        engine.eval()
+        return engine
+
+    @contextlib.contextmanager
+    def output_projection(self, model: torch.nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """See :meth:`Backend.output_projection`. ZeRO-3: the head is gathered once on entry (collective) and a
+        full copy serves every chunk; its gradient returns to the partitioned parameter (zero3.py)."""
+        if self.zero_stage != 3:
+            with super().output_projection(model) as project:
+                yield project
+            return
+        from .zero3 import gathered_projection
+        plain = self.unwrap(model)
+        weight, bias = head_parameters(plain)
+        yield gathered_projection(plain, weight, bias, self.device)
 
     # -- optimisation -----------------------------------------------------------------------------------------
     def _engine(self):
@@ -165,7 +245,7 @@ class DeepSpeedBackend(Backend):
             raise RuntimeError("step() after a backward inside no_sync(): the last micro-batch of a window "
                                "must run outside no_sync() so gradients are reduced")
         norm = None
-        if self.stage == 0 and self.dtype == "fp32":
+        if self.zero_stage == 0 and self.dtype == "fp32":
             norm = self._plain_grad_norm()
         engine.step()
         self._window_pending = False
@@ -193,7 +273,7 @@ class DeepSpeedBackend(Backend):
         duration (otherwise they would re-partition weights after each submodule's forward); yields the plain
         module. Stages 0-2: the module as is. Collective under ZeRO-3: every rank must enter."""
         module = self.unwrap(model)
-        if self.stage != 3:
+        if self.zero_stage != 3:
             yield module
             return
         import deepspeed
@@ -221,13 +301,14 @@ class DeepSpeedBackend(Backend):
             return None
         return offload
 
-    def full_state_dict(self, model: torch.nn.Module | None = None, *,
-                        fp32_master: bool = False) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, model: torch.nn.Module | None = None, *, fp32_master: bool = False,
+                        copy: bool = True) -> dict[str, torch.Tensor]:
         """Full CPU state dict on the main rank (``{}`` elsewhere); collective, call on every rank.
 
         Default: the model's own dtype (bf16 under bf16 training, fp32 otherwise); under ZeRO-3 each parameter is
         gathered in turn, so no rank ever holds the whole model twice. ``fp32_master=True``: the optimizer's fp32
-        master weights instead (what the next step starts from), via ``safe_get_full_fp32_param``.
+        master weights instead (what the next step starts from), via ``safe_get_full_fp32_param``. Always copies
+        (``copy`` is accepted for the Backend signature: gathered parameters are released after use).
         """
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
@@ -264,7 +345,7 @@ class DeepSpeedBackend(Backend):
         ``safe_get_full_fp32_param`` uses; map each low-precision parameter to its fp32 master."""
         opt = getattr(self._engine(), "optimizer", None)
         lp_groups = getattr(opt, "fp16_groups", None)
-        if self.stage != 0 or lp_groups is None:
+        if self.zero_stage != 0 or lp_groups is None:
             return {}
         out = {}
         flats = getattr(opt, "fp32_groups_flat", None)

@@ -52,7 +52,8 @@ class DsFlopsProfilerConfig:
         if not isinstance(self.module_depth, int) or self.module_depth < -1:
             raise ValueError(f"module_depth must be an int >= -1, got {self.module_depth!r}")
 
-    def to_dict(self) -> dict:
+    def to_ds_section(self) -> dict:
+        """The ``flops_profiler`` section of DeepSpeed's JSON config."""
         d = {"enabled": bool(self.enabled), "profile_step": int(self.profile_step),
              "module_depth": int(self.module_depth), "top_modules": int(self.top_modules),
              "detailed": bool(self.detailed)}
@@ -82,7 +83,8 @@ class DsOffloadConfig:
         _check_positive("buffer_size", self.buffer_size)
         _check_positive("max_in_cpu", self.max_in_cpu, allow_zero=True)
 
-    def to_dict(self, kind: Literal["optimizer", "param"]) -> dict:
+    def to_ds_section(self, kind: Literal["optimizer", "param"]) -> dict:
+        """The ``offload_optimizer`` (``kind='optimizer'``) or ``offload_param`` section of DeepSpeed's JSON."""
         d: dict[str, Any] = {"device": self.device, "pin_memory": bool(self.pin_memory)}
         if self.device == "nvme":
             d["nvme_path"] = str(self.nvme_path)
@@ -109,7 +111,8 @@ class DsActivationCheckpointingConfig:
         if self.number_checkpoints is not None:
             _check_positive("number_checkpoints", self.number_checkpoints)
 
-    def to_dict(self) -> dict:
+    def to_ds_section(self) -> dict:
+        """The ``activation_checkpointing`` section of DeepSpeed's JSON config."""
         d = {"partition_activations": bool(self.partition_activations),
              "cpu_checkpointing": bool(self.cpu_checkpointing),
              "contiguous_memory_optimization": bool(self.contiguous_memory_optimization),
@@ -147,9 +150,15 @@ class DsZeROConfig:
             if value is not None and not isinstance(value, DsOffloadConfig):
                 raise TypeError(f"{name} must be a DsOffloadConfig or None, got {type(value).__name__}")
 
-    def to_dict(self, hidden_size: int | None = None) -> dict:
-        """The ``zero_optimization`` dict. ``'auto'`` sizes resolve from ``hidden_size`` (h*h for buckets,
-        0.9*h*h for prefetch, 10*h for persistence, as Hugging Face does) or are left to DeepSpeed's defaults."""
+    def auto_fields(self) -> list[str]:
+        """Names of the size fields set to ``'auto'`` (they need the model's hidden size to resolve)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) == "auto"]
+
+    def to_ds_section(self, hidden_size: int | None = None) -> dict:
+        """The ``zero_optimization`` section of DeepSpeed's JSON. ``'auto'`` sizes resolve from ``hidden_size``
+        (h*h for buckets, 0.9*h*h for prefetch, 10*h for persistence, as Hugging Face does); without it they are
+        left out (DeepSpeed's defaults). The DeepSpeed backend always resolves them: ``wrap`` reads the model's
+        ``config.hidden_size`` (see ``DeepSpeedBackend.wrap``)."""
         d: dict[str, Any] = {"stage": self.stage}
         if self.stage == 0:
             return d
@@ -166,10 +175,10 @@ class DsZeROConfig:
             d["communication_data_type"] = self.communication_data_type
         offload_optimizer = getattr(self, "offload_optimizer", None)
         if offload_optimizer is not None:
-            d["offload_optimizer"] = offload_optimizer.to_dict("optimizer")
+            d["offload_optimizer"] = offload_optimizer.to_ds_section("optimizer")
         offload_param = getattr(self, "offload_param", None)
         if offload_param is not None:
-            d["offload_param"] = offload_param.to_dict("param")
+            d["offload_param"] = offload_param.to_ds_section("param")
         return d
 
 
@@ -238,8 +247,8 @@ class DsZero3Config(DsZeROConfig):
                 or self.zero_hpz_partition_size < 1:
             raise ValueError(f"zero_hpz_partition_size must be an int >= 1, got {self.zero_hpz_partition_size!r}")
 
-    def to_dict(self, hidden_size: int | None = None) -> dict:
-        d = super().to_dict(hidden_size)
+    def to_ds_section(self, hidden_size: int | None = None) -> dict:
+        d = super().to_ds_section(hidden_size)
         d["sub_group_size"] = int(self.sub_group_size)
         _put_auto(d, "stage3_prefetch_bucket_size", self.stage3_prefetch_bucket_size, hidden_size,
                   lambda h: 0.9 * h * h)
@@ -277,7 +286,8 @@ class DsFp16Config:
         _check_positive("hysteresis", self.hysteresis)
         _check_positive("min_loss_scale", self.min_loss_scale)
 
-    def to_dict(self) -> dict:
+    def to_ds_section(self) -> dict:
+        """The ``fp16`` section of DeepSpeed's JSON config."""
         return {"enabled": True, "loss_scale": self.loss_scale, "loss_scale_window": int(self.loss_scale_window),
                 "initial_scale_power": int(self.initial_scale_power), "hysteresis": int(self.hysteresis),
                 "min_loss_scale": self.min_loss_scale}
@@ -294,7 +304,8 @@ class DsBf16Config:
         if self.enabled not in (True, False, "auto"):
             raise ValueError(f"enabled must be True, False or 'auto', got {self.enabled!r}")
 
-    def to_dict(self) -> dict:
+    def to_ds_section(self) -> dict:
+        """The ``bf16`` section of DeepSpeed's JSON config."""
         return {"enabled": True}
 
 
@@ -376,7 +387,7 @@ class DsConfig:
             "train_micro_batch_size_per_gpu": int(micro_batch),
             "gradient_accumulation_steps": int(grad_accum),
             "gradient_clipping": float(clip or 0.0),
-            "zero_optimization": self.zero_config.to_dict(hidden_size),
+            "zero_optimization": self.zero_config.to_ds_section(hidden_size),
             "zero_allow_untested_optimizer": bool(self.zero_allow_untested_optimizer),
             "wall_clock_breakdown": bool(self.wall_clock_breakdown),
         }
@@ -384,18 +395,18 @@ class DsConfig:
             d["steps_per_print"] = int(self.steps_per_print)
         resolved = self.resolve_dtype(dtype)
         if resolved == "bf16":
-            d["bf16"] = self.bf16_config.to_dict()
+            d["bf16"] = self.bf16_config.to_ds_section()
         elif resolved == "fp16":
-            d["fp16"] = self.fp16_config.to_dict()
+            d["fp16"] = self.fp16_config.to_ds_section()
         if self.grad_accum_dtype is not None:
             if self.stage == 0 and resolved != "fp32" and self.grad_accum_dtype != resolved:
                 raise ValueError(f"DeepSpeed without ZeRO cannot accumulate {resolved} gradients in "
                                  f"{self.grad_accum_dtype}; use ZeRO >= 1 or grad_accum_dtype=None")
             d["data_types"] = {"grad_accum_dtype": self.grad_accum_dtype}
         if self.activation_checkpointing is not None:
-            d["activation_checkpointing"] = self.activation_checkpointing.to_dict()
+            d["activation_checkpointing"] = self.activation_checkpointing.to_ds_section()
         if self.flops_profiler is not None:
-            d["flops_profiler"] = self.flops_profiler.to_dict()
+            d["flops_profiler"] = self.flops_profiler.to_ds_section()
         return d
 
     def to_dict(self) -> dict:

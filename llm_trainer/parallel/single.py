@@ -8,13 +8,14 @@ from typing import Any
 
 import torch
 
+from .. import checkpoint as ckpt
 from .base import Backend, torch_dtype
 from .env import DistEnv, read_env
 
 __all__ = ["SingleBackend", "default_device"]
 
-STATE_FILE = "backend_state.pt"
-CLIENT_STATE_FILE = "client_state.pt"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 def default_device(env: DistEnv) -> torch.device:
@@ -22,15 +23,6 @@ def default_device(env: DistEnv) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", env.local_rank % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
-
-
-def _atomic_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _TorchOptimBackend(Backend):
@@ -96,39 +88,38 @@ class _TorchOptimBackend(Backend):
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save(self, directory: str, client_state: dict | None = None) -> None:
-        """Main rank writes ``backend_state.pt`` (model, optimizer, scaler) and ``client_state.pt`` atomically;
-        the others wait. Multi-node runs need ``directory`` on a shared file system."""
-        if self.is_main:
-            os.makedirs(directory, exist_ok=True)
-            state = {
-                "format": "llm_trainer.torch_backend.v1",
-                "world_size": self.world_size,
-                "model": self.unwrap().state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            }
-            _atomic_save(state, os.path.join(directory, STATE_FILE))
-            _atomic_save(dict(client_state or {}), os.path.join(directory, CLIENT_STATE_FILE))
-        self.barrier()
+        """Main rank writes ``model.safetensors`` (the weights) and ``optimizer.pt`` (optimizer and grad-scaler
+        state and ``client_state``: tensors and plain containers only); the others wait. Multi-node runs need
+        ``directory`` on a shared file system. Every rank returns (or raises) together."""
+        try:
+            if self.is_main:
+                os.makedirs(directory, exist_ok=True)
+                ckpt.save_model_state(self.unwrap().state_dict(), os.path.join(directory, MODEL_FILE))
+                state = {"format": "llm_trainer.torch_backend.v2", "world_size": self.world_size,
+                         "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                         "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                         "client_state": dict(client_state or {})}
+                ckpt.save_tensor_state(state, os.path.join(directory, OPTIMIZER_FILE))
+        finally:
+            self.barrier()
 
     def load(self, directory: str) -> dict:
-        """Every rank reads the files (shared file system) and restores model, optimizer and scaler.
-        ``client_state.pt`` is unpickled with ``weights_only=False``: load only checkpoints you wrote."""
-        path = os.path.join(directory, STATE_FILE)
+        """Every rank reads the files (shared file system) and restores model, optimizer and scaler; nothing is
+        unpickled (``weights_only=True``)."""
+        path = os.path.join(directory, MODEL_FILE)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {STATE_FILE} in {directory!r}: not a checkpoint of "
+            raise FileNotFoundError(f"no {MODEL_FILE} in {directory!r}: not a checkpoint of "
                                     f"{type(self).__name__}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.unwrap().load_state_dict(state["model"])
+        self.unwrap().load_state_dict(ckpt.load_model_state(path))
+        state = ckpt.load_tensor_state(os.path.join(directory, OPTIMIZER_FILE))
         if self.optimizer is not None:
             if state.get("optimizer") is None:
                 raise ValueError(f"checkpoint {directory!r} has no optimizer state")
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-        client = torch.load(os.path.join(directory, CLIENT_STATE_FILE), map_location="cpu", weights_only=False)
         self.barrier()
-        return client
+        return state.get("client_state", {})
 
 
 class SingleBackend(_TorchOptimBackend):

@@ -157,3 +157,28 @@ def prepare_task_data(out: Path, max_operand: int = 9, tokenizer: str | None = N
     while not ready.exists():
         time.sleep(0.5)
     return json.loads(ready.read_text())["tokenizer"]
+
+
+def statement_records(problems: list[Problem], rng: random.Random, max_sum: int) -> list[dict]:
+    """The classification task: ``"a+b=c"`` statements labelled ``"true"`` or ``"false"``, one of each per problem
+    (the false sum a random wrong one in ``[0, max_sum]``), shuffled."""
+    out = []
+    for p in problems:
+        wrong = rng.choice([c for c in range(max_sum + 1) if c != p.answer])
+        a, b = p.operands
+        out.append({"text": f"{a}+{b}={p.answer}", "label": "true"})
+        out.append({"text": f"{a}+{b}={wrong}", "label": "false"})
+    rng.shuffle(out)
+    return out
+
+
+def write_classify_files(out: Path, seed: int = 0, max_operand: int = 49,
+                         pad_operands: bool = False) -> dict[str, Path]:
+    """``classify.jsonl`` (training problems) and ``classify_test.jsonl`` (the held-out operand pairs of
+    :func:`split_problems`) in ``out``."""
+    rng = random.Random(seed + 1)
+    train, test = split_problems(max_operand, seed=seed, pad_operands=pad_operands)
+    files = {"classify": out / "classify.jsonl", "classify_test": out / "classify_test.jsonl"}
+    write_jsonl(files["classify"], statement_records(train, rng, 2 * max_operand))
+    write_jsonl(files["classify_test"], statement_records(test, rng, 2 * max_operand))
+    return files

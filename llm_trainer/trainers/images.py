@@ -7,28 +7,24 @@ batch's images in row order (``pixel_values [N, 3, H, W]``, ``image_counts [B]``
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..model.vlm import VLMConfig, expand_image_tokens, expand_image_tokens_and_labels
-
-IGNORE_INDEX = -100
 
 
 def is_vlm(config: Any) -> bool:
     return isinstance(config, VLMConfig)
 
 
-def pixel_provider(trainer: Any):
-    """The stage's ``pixel_values_provider`` if it has one, else the default provider of the vision config."""
-    provider = getattr(trainer.stage_config, "pixel_values_provider", None)
-    if provider is not None or not is_vlm(trainer.model_config):   # a plain LLM has no images to load
+def pixel_provider(provider: Any, config: Any):
+    """``provider`` (a stage's ``pixel_values_provider``) if given, else the default provider of a VLM's vision
+    config; None for a plain LLM (no images to load)."""
+    if provider is not None or not is_vlm(config):
         return provider
-    if getattr(trainer, "_default_pixel_provider", None) is None:
-        from ..images import DefaultPixelValuesProvider
-        trainer._default_pixel_provider = DefaultPixelValuesProvider.from_vision_config(trainer.model_config)
-    return trainer._default_pixel_provider
+    from ..images import DefaultPixelValuesProvider
+    return DefaultPixelValuesProvider.from_vision_config(config)
 
 
 def load_images(provider: Any, config: VLMConfig, paths: Sequence[str]) -> torch.Tensor:
@@ -78,18 +74,19 @@ def attach_pixel_values(batch: dict, rows: list[list[str]] | None, provider: Any
     return batch
 
 
-def eval_generation_inputs(trainer: Any) -> tuple[list[list[int]], dict]:
-    """Token ids of ``trainer.eval_prompts`` and the extra ``generate`` arguments (``pixel_values``).
+def eval_generation_inputs(texts: Sequence[str], image_tags: Sequence[Any] | None, config: Any, tokenizer: Any,
+                           format_prompt: Callable[[str], list[int]], provider: Any) -> tuple[list[list[int]], dict]:
+    """Token ids of the eval prompts ``texts`` (through ``format_prompt``) and the extra ``generate`` arguments
+    (``pixel_values``).
 
-    ``trainer.eval_image_tags[i]`` (a path, a list of paths, or None) holds the images of eval prompt ``i``; a
-    prompt whose text has fewer image placeholders (the tokenizer's ``<image>``) than images gets the missing ones
-    prepended (one per line). Placeholders are expanded to ``tokens_per_image`` image tokens."""
-    texts = list(trainer.eval_prompts)
-    config, image_tags = trainer.model_config, trainer.eval_image_tags
+    ``image_tags[i]`` (a path, a list of paths, or None) holds the images of eval prompt ``i``; a prompt whose text
+    has fewer image placeholders (the tokenizer's ``<image>``) than images gets the missing ones prepended (one
+    per line). Placeholders are expanded to ``tokens_per_image`` image tokens."""
+    texts = list(texts)
     if not is_vlm(config):
         if image_tags is not None and any(image_tags):
             raise ValueError("eval_image_tags need a VLM (model_config=VLMConfig(...))")
-        return [trainer.format_eval_prompt(t) for t in texts], {}
+        return [format_prompt(t) for t in texts], {}
     tags: list[list[str]] = [[] for _ in texts]
     if image_tags is not None:
         if len(image_tags) != len(texts):
@@ -97,14 +94,14 @@ def eval_generation_inputs(trainer: Any) -> tuple[list[list[int]], dict]:
                              f"(one list of image paths per prompt)")
         tags = [[] if t is None else ([str(t)] if isinstance(t, (str, bytes)) or not isinstance(t, Sequence)
                                       else [str(p) for p in t]) for t in image_tags]
-    token = getattr(trainer.tokenizer, "image_token", None) or "<image>"
+    token = getattr(tokenizer, "image_token", None) or "<image>"
     tid = config.image_token_id
     prompts = []
     for i, (text, paths) in enumerate(zip(texts, tags)):
         missing = len(paths) - text.count(token)
         if missing > 0:
             text = token * missing + "\n" + text
-        ids = list(trainer.format_eval_prompt(text))
+        ids = list(format_prompt(text))
         n = sum(1 for t in ids if t == tid)
         if n != len(paths):
             raise ValueError(f"eval prompt {i} has {n} image placeholder(s) {token!r} (id {tid}) but "
@@ -113,4 +110,4 @@ def eval_generation_inputs(trainer: Any) -> tuple[list[list[int]], dict]:
     flat = [p for t in tags for p in t]
     if not flat:
         return prompts, {}
-    return prompts, {"pixel_values": load_images(pixel_provider(trainer), config, flat)}
+    return prompts, {"pixel_values": load_images(provider, config, flat)}

@@ -8,25 +8,26 @@ Per rollout (``batch_size`` prompts per rank, one completion each):
    all rollouts and ranks, or 'batch': this rollout on all ranks): ``(score - mean) / std`` (dense rewards are only
    scaled by 1/std);
 2. old log-probs and values (policy+value in eval mode), reference log-probs (β > 0 or adaptive KL);
-3. token rewards ``r_t = -β KL_t`` (k1/k3 of the old policy vs the reference) plus the score on the last token
-   (dense rewards: per token); ``whiten_rewards``: scale-only whitening over the rollout (all ranks);
+3. token rewards ``r_t = -β KL_t`` (k1/k2/k3 of the old policy vs the reference) plus the score on the last token
+   (dense rewards: per token); ``whiten_rewards``: ``(r − μ)/σ + μ`` over the rollout (all ranks: the spread is
+   normalised, the mean kept);
 4. GAE(γ, λ) with, for truncated completions (no stop token), the bootstrap value V(state after the last token);
-   returns = A + V_old; ``whiten_advantages``: whitened over the rollout (all ranks);
+   returns = A + V_old; ``whiten_advantages``: ``(A − μ)/σ`` over the rollout (all ranks);
 5. ``ppo_epochs`` passes in micro-batches of ``ppo_batch_size``: ``Σ_t [policy clip loss + vf_coef · value loss]``
    over completion tokens (the loop divides by the window's tokens on all ranks); the value loss is clipped with
    its own ``value_clip_eps`` and is Huber(``huber_delta``) or squared error; ``ptx_coef`` adds the LM loss of
-   prompt + reference answer; adaptive β (``adaptive_kl``) is updated after each rollout from the measured KL.
+   prompt + reference answer (its own term, in answer tokens); adaptive β (``adaptive_kl``) is updated after each
+   rollout from the measured KL.
 
 The value model is a separate LM backbone + scalar head (initialised from ``value_model_weights_path``, else from
-the policy's initial weights) or, with ``value_head_on_policy=True``, a head on the policy's final hidden states.
-Policy and value live in one :class:`PolicyValueModel` (one backend wrap, one optimizer); the value parameters get
-their own optimizer group settings from ``value_optim_config`` (lr as a ratio to the policy's schedule, betas,
-weight decay, eps). The export (``output_dir/final``) is the policy alone; the value model goes to
-``output_dir/value_model/model.safetensors``.
+the policy's initial weights, with the policy's LoRA settings) or, with ``value_head_on_policy=True``, a head on the
+policy's final hidden states. Policy and value live in one :class:`PolicyValueModel` (one backend wrap, one
+optimizer); the value parameters get their own optimizer group settings from ``value_optim_config`` (lr as a ratio
+to the policy's schedule, betas, weight decay, eps). The export (``output_dir/final``) is the policy alone; the
+value model goes to ``output_dir/value_model/model.safetensors``.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -35,12 +36,15 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..configs import PPOConfig
-from ..losses.rl import (AdaptiveKLController, RunningMeanStd, gae, kl_penalized_rewards, masked_sum,
-                         ppo_policy_loss, value_loss)
+from ..losses import (AdaptiveKLController, RunningMeanStd, gae, kl_penalized_rewards, masked_moments,
+                      ppo_policy_loss, value_loss, whiten_with_moments)
 from ..optim import build_optimizer, build_param_groups
-from .base import LossOutput
-from .rollout import RLTrainer, build_sequences, completion_logps, disable_stochasticity
+from .base import MAIN, LossOutput
+from .collective import global_max
+from .rl import RLTrainer
+from .rollout import build_sequences, disable_stochasticity
+from ..model.hf import set_default_file_mode
+from .setup import build_model, export_model, require_path, write_model_folder
 
 __all__ = ["PPOTrainer", "PolicyValueModel"]
 
@@ -56,13 +60,6 @@ class PolicyValueModel(nn.Module):
         self.value_head = value_head
         self.config = policy.config
 
-    @property
-    def lm_head(self):
-        return getattr(self.policy, "lm_head", None)
-
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.policy.lm_head_weight()
-
     def forward(self, input_ids=None, attention_mask=None, return_values: bool = False, **kwargs):
         if return_values:
             kwargs["return_hidden_states"] = True
@@ -77,80 +74,42 @@ class PolicyValueModel(nn.Module):
         return out
 
 
-def huber(x: torch.Tensor, delta: float) -> torch.Tensor:
-    a = x.abs()
-    return torch.where(a <= delta, 0.5 * x * x, delta * (a - 0.5 * delta))
-
-
-def clipped_value_loss(values, old_values, returns, mask, clip_range, huber_delta):
-    """``max(ℓ(V - R), ℓ(V_old + clip(V - V_old, ±c) - R))`` summed over the mask, ℓ = Huber(δ) or ½x²."""
-    if huber_delta is None:
-        return value_loss(values, old_values, returns, mask, clip_range)
-    v, ret, m = values.float(), returns.detach().float(), mask.float()
-    err = huber(v - ret, huber_delta)
-    metrics = {}
-    if clip_range is not None:
-        old = old_values.detach().float()
-        err_c = huber(old + torch.clamp(v - old, -clip_range, clip_range) - ret, huber_delta)
-        metrics["vf_clip_frac"] = (((err_c > err).float() * m).sum() / m.sum().clamp(min=1)).detach()
-        err = torch.max(err, err_c)
-    metrics["value/error"] = ((((v - ret) ** 2) * m).sum() / m.sum().clamp(min=1)).detach()
-    return masked_sum(err, m), metrics
-
-
 class PPOTrainer(RLTrainer):
     """``PPOTrainer(train_config=TrainConfig(ppo_config=PPOConfig(...), ...), reward_func=...).train()``."""
 
     stage = "ppo"
+    stage_slot = "ppo_config"
     loss_unit = "tokens"
-    _mb_field = "ppo_batch_size"
-    _epochs_field = "ppo_epochs"
-
-    @classmethod
-    def _stage_config_of(cls, train_config) -> PPOConfig:
-        return train_config.ppo_config or PPOConfig()
 
     def __init__(self, **kwargs: Any) -> None:
-        cfg = kwargs["train_config"]
-        sc = self._stage_config_of(cfg)
-        self.kl_ctl = AdaptiveKLController(sc.kl_beta, sc.adaptive_kl.target if sc.adaptive_kl else None,
-                                           sc.adaptive_kl.horizon if sc.adaptive_kl else 10000)
         self.reward_stats = RunningMeanStd()
         super().__init__(**kwargs)
 
-    @property
-    def needs_reference(self) -> bool:
+    def setup(self) -> None:
         sc = self.stage_config
-        return sc.kl_beta > 0 or sc.adaptive_kl is not None
+        self.kl_ctl = AdaptiveKLController(sc.kl_beta, sc.adaptive_kl.target if sc.adaptive_kl else None,
+                                           sc.adaptive_kl.horizon if sc.adaptive_kl else 10000)
+        super().setup()
 
     # ------------------------------------------------------------------------------------------- model
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def build_model(self) -> nn.Module:
         sc, cfg = self.stage_config, self.config
-        disable_stochasticity(model)
-        hidden = self.model_config.hidden_size
+        policy = super().build_model()
         backbone = None
         if not sc.value_head_on_policy:
-            from .setup import build_model
-            zero3 = getattr(self.backend, "stage", None) == 3
-            path = sc.value_model_weights_path
-            if path is None and not zero3:
-                backbone = copy.deepcopy(model)                    # the policy's initial weights
-            else:
-                vcfg = copy.copy(cfg)
-                vcfg.lora = None
-                backbone = build_model(vcfg, self.model_config, self.backend,
-                                       weights_path=path if path is not None else cfg.init_weights_path)
+            require_path(sc.value_model_weights_path, "PPOConfig.value_model_weights_path")
+            # the policy's initial weights (the same seed gives the same random init), or the value weights
+            backbone = build_model(self.model_config, self.backend,
+                                   weights=sc.value_model_weights_path or cfg.init_weights_path, lora=cfg.lora,
+                                   gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
             disable_stochasticity(backbone)
             if getattr(backbone, "lm_head", None) is not None:
                 backbone.lm_head.requires_grad_(False)            # unused by the value function
-        with self.backend.model_init_context():
-            head = nn.Linear(hidden, 1)
-        dtype = next(model.parameters()).dtype
-        if not hasattr(head.weight, "ds_id"):
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
-            head.to(dtype)
-        return PolicyValueModel(model, backbone, head)
+        head = nn.Linear(self.model_config.hidden_size, 1)     # a backend partitions it when it wraps the model
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+        return PolicyValueModel(policy, backbone, head.to(next(policy.parameters()).dtype))
 
     def build_optimizer(self, model: PolicyValueModel) -> torch.optim.Optimizer:
         oc = self.config.optim_config
@@ -169,7 +128,7 @@ class PPOTrainer(RLTrainer):
                 g.pop("eps")
         return build_optimizer(groups + vgroups, oc)
 
-    def policy_module(self, plain: nn.Module) -> nn.Module:
+    def policy_for_generation(self, plain: nn.Module) -> nn.Module:
         return plain.policy
 
     # ----------------------------------------------------------------------------------------- rollout
@@ -182,58 +141,82 @@ class PPOTrainer(RLTrainer):
         rollout, rewards = self.sample(batch)
         self.rollouts_done += 1
         n = len(rollout)
-        stats = self.rollout_stats(rollout, rewards)
+        stats = self.rollout_summary(rollout, rewards)
+        dropped = self.nonfinite_rewards(rewards)             # NaN/inf rewards (nan_policy='skip') are left out
+        scores, dense = self._normalised_scores(rollout, rewards, ~dropped)
+        finished = torch.tensor(rollout.finished, dtype=torch.bool)
+        keep = [i for i in range(n) if not bool(dropped[i])]
+        if global_max(self.backend, len(keep)) == 0:
+            return []
+        micro = []
+        for idx, padding in self.micro_batch_indices(keep):
+            b = build_sequences([rollout.prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx],
+                                self.pad_token_id())
+            b["completion_mask"] *= 0.0 if padding else 1.0
+            b["units"] = {MAIN: int(b["completion_mask"].sum())}
+            b["_scores"], b["_finished"] = scores[idx], finished[idx]
+            b["_lengths"] = torch.tensor([len(rollout.completion_ids[i]) for i in idx])
+            if dense is not None:
+                d = torch.zeros_like(b["completion_mask"])
+                for r, i in enumerate(idx):
+                    d[r, :dense[i].numel()] = dense[i]
+                b["_dense"] = d
+            if sc.ptx_coef > 0:
+                b.update(self.ptx_batch([rollout.prompt_ids[i] for i in idx], [rollout.answer_ids[i] for i in idx]))
+                b["units"]["ptx"] = 0 if padding else self.ptx_units(b)
+            micro.append(b)
+        self.score_micro_batches(micro, with_values=True)
+        stats.update(self._advantages(micro))
+        stats["score_mean"] = float(scores[~dropped].mean()) if keep else 0.0
+        self.set_rollout_stats(stats)
+        return micro
+
+    def _normalised_scores(self, rollout, rewards,
+                           valid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Scores after the missing-EOS penalty and reward normalisation (statistics of the ``valid`` samples);
+        dense rewards scaled alike."""
+        sc = self.stage_config
         scores = rewards.scores.clone()
         dense = [d.clone() for d in rewards.dense] if rewards.dense is not None else None
-        finished = torch.tensor(rollout.finished, dtype=torch.bool)
         if sc.missing_eos_penalty:
-            scores = scores - sc.missing_eos_penalty * (~finished).float()
+            scores = scores - sc.missing_eos_penalty * (~torch.tensor(rollout.finished, dtype=torch.bool)).float()
         if sc.normalize_rewards:
-            mean, var = self._global_moments(scores)
+            moments = masked_moments(scores, valid.float())
+            self.backend.all_reduce(moments)
+            count = max(float(moments[2]), 1.0)
+            mean = float(moments[0]) / count
+            var = max(float(moments[1]) / count - mean * mean, 0.0)
             if sc.normalize_method == "running":
-                self.reward_stats.update_from_moments(mean, var, float(self.sync_count(n, "sum")))
+                self.reward_stats.update_from_moments(mean, var, float(moments[2]))
                 mean, std = self.reward_stats.mean, self.reward_stats.std
             else:
                 std = math.sqrt(var + 1e-8)
             scores = (scores - mean) / std
             if dense is not None:
                 dense = [d / std for d in dense]
-        chunks = self.split_micro_batches(n, list(range(n)))
-        micro = []
-        for idx in chunks:
-            dummy = bool(idx) and idx[0] == -1
-            idx = idx[1:] if dummy else idx
-            b = build_sequences([rollout.prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx],
-                                self.pad_token_id())
-            if dummy:
-                b["completion_mask"].zero_()
-            b["units"] = int(b["completion_mask"].sum())
-            b["_scores"] = scores[idx]
-            b["_lengths"] = torch.tensor([len(rollout.completion_ids[i]) for i in idx])
-            b["_finished"] = finished[idx]
-            if dense is not None:
-                T = b["completion_mask"].size(1)
-                d = torch.zeros(len(idx), T)
-                for r, i in enumerate(idx):
-                    d[r, :dense[i].numel()] = dense[i]
-                b["_dense"] = d
-            if sc.ptx_coef > 0:
-                b.update(self.ptx_tensors([rollout.prompt_ids[i] for i in idx],
-                                          [rollout.answer_ids[i] for i in idx]))
-            micro.append(b)
-        self.score_micro_batches(micro, with_values=True)
+        return scores, dense
 
-        beta = self.kl_ctl.value if self.needs_reference else 0.0
+    def _whiten(self, micro: list[dict], key: str, shift_mean: bool) -> None:
+        """Whiten ``key`` over the masked tokens of every micro-batch on every rank (one set of moments)."""
+        moments = sum(masked_moments(b[key], b["completion_mask"]) for b in micro)
+        self.backend.all_reduce(moments)
+        for b in micro:
+            b[key] = whiten_with_moments(b[key], b["completion_mask"], moments, shift_mean=shift_mean)
+
+    def _advantages(self, micro: list[dict]) -> dict[str, float]:
+        """Token rewards (KL penalty + score), GAE advantages and returns of every micro-batch; KL statistics."""
+        sc = self.stage_config
+        beta = self.kl_ctl.value if sc.needs_reference else 0.0
         kl_sum = torch.zeros(3, dtype=torch.float64)          # Σ per-sequence KL, Σ non-score reward, sequences
         for b in micro:
             m = b["completion_mask"]
             ref = b.get("ref_logp", b["old_logp"])
-            tok_r, kl = kl_penalized_rewards(b["_scores"], b["old_logp"], ref, m, beta, sc.kl_estimator)
+            tok_r, kl = kl_penalized_rewards(b.pop("_scores"), b["old_logp"], ref, m, beta, sc.kl_estimator)
             if "_dense" in b:
                 tok_r = tok_r + b.pop("_dense") * m
             b["rewards"] = tok_r
-            rows = m.sum(-1) > 0
-            kl_sum += torch.tensor([float(kl.sum()), float(-beta * kl.sum()), float(rows.sum())], dtype=torch.float64)
+            kl_sum += torch.tensor([float(kl.sum()), float(-beta * kl.sum()), float((m.sum(-1) > 0).sum())],
+                                   dtype=torch.float64)
         if sc.whiten_rewards:
             self._whiten(micro, "rewards", shift_mean=False)
         for b in micro:
@@ -243,68 +226,31 @@ class PPOTrainer(RLTrainer):
             lengths, fin = b.pop("_lengths"), b.pop("_finished")
             after_last = b["old_values"].gather(1, lengths.clamp(max=T).unsqueeze(1)).squeeze(1)
             boot = torch.where(fin, torch.zeros_like(after_last), after_last)   # V(s_T) only for truncated rows
-            adv, ret = gae(b["rewards"], values, m, sc.gamma, sc.lam, bootstrap_values=boot)
-            b["advantages"], b["returns"], b["old_values"] = adv, ret, values
-            b.pop("_scores")
+            b["advantages"], b["returns"] = gae(b["rewards"], values, m, sc.gamma, sc.lam, bootstrap_values=boot)
+            b["old_values"] = values
         if sc.whiten_advantages:
             self._whiten(micro, "advantages", shift_mean=True)
         self.backend.all_reduce(kl_sum)
         seqs = max(float(kl_sum[2]), 1.0)
         mean_kl = float(kl_sum[0]) / seqs
-        stats.update({"kl": mean_kl, "kl_coef": beta, "non_score_reward": float(kl_sum[1]) / seqs,
-                      "score_mean": float(scores.mean()) if n else 0.0})
-        vals, rets, cnt = 0.0, 0.0, 0.0
-        for b in micro:
-            m = b["completion_mask"]
-            vals += float((b["old_values"] * m).sum())
-            rets += float((b["returns"] * m).sum())
-            cnt += float(m.sum())
-        stats["value_mean"] = vals / max(cnt, 1.0)
-        stats["return_mean"] = rets / max(cnt, 1.0)
-        if self.needs_reference and sc.adaptive_kl is not None:
+        if sc.needs_reference and sc.adaptive_kl is not None:
             self.kl_ctl.update(mean_kl, int(seqs))
-        for k, v in self.timer.times.items():
-            stats[f"time/{k}"] = v
-        for b in micro:
-            b["stats"] = stats
-        return micro
-
-    def _global_moments(self, x: torch.Tensor) -> tuple[float, float]:
-        t = torch.tensor([float(x.sum()), float((x.double() ** 2).sum()), float(x.numel())], dtype=torch.float64)
-        self.backend.all_reduce(t)
-        n = max(float(t[2]), 1.0)
-        mean = float(t[0]) / n
-        return mean, max(float(t[1]) / n - mean * mean, 0.0)
-
-    def _whiten(self, micro: list[dict], key: str, shift_mean: bool) -> None:
-        """Whiten ``key`` over the masked tokens of every micro-batch on every rank (one set of moments)."""
-        t = torch.zeros(3, dtype=torch.float64)
-        for b in micro:
-            m = b["completion_mask"].double()
-            x = b[key].double()
-            t += torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
-        self.backend.all_reduce(t)
-        n = max(float(t[2]), 1.0)
-        mean = float(t[0]) / n
-        var = max(float(t[1]) / n - mean * mean, 0.0) * (n / max(n - 1.0, 1.0))
-        for b in micro:
-            x = (b[key] - mean) / math.sqrt(var + 1e-8)
-            if not shift_mean:
-                x = x + mean
-            b[key] = x * b["completion_mask"]
+        vals = sum(float((b["old_values"] * b["completion_mask"]).sum()) for b in micro)
+        rets = sum(float((b["returns"] * b["completion_mask"]).sum()) for b in micro)
+        cnt = max(sum(float(b["completion_mask"].sum()) for b in micro), 1.0)
+        return {"kl": mean_kl, "kl_coef": beta, "non_score_reward": float(kl_sum[1]) / seqs,
+                "value_mean": vals / cnt, "return_mean": rets / cnt}
 
     # -------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         sc = self.stage_config
         mask = batch["completion_mask"]
-        plain = self.backend.unwrap(model)
-        out = completion_logps(model, batch, self.temperature, with_entropy=True, plain=plain.policy,
-                               with_values=True)
+        out = self.policy_logps(model, batch, with_entropy=True, with_values=True)
         T = mask.size(1)
         pg_sum, pm = ppo_policy_loss(out["logp"], batch["old_logp"], batch["advantages"], mask, clip_eps=sc.clip_eps)
-        vf_sum, vm = clipped_value_loss(out["values"][:, :T], batch["old_values"], batch["returns"], mask,
-                                        sc.value_clip_eps, sc.huber_delta)
-        loss = pg_sum + sc.vf_coef * vf_sum
+        vf_sum, vm = value_loss(out["values"][:, :T], batch["old_values"], batch["returns"], mask,
+                                sc.value_clip_eps, sc.huber_delta)
+        terms = {MAIN: pg_sum + sc.vf_coef * vf_sum}
         ntok = max(float(mask.sum()), 1.0)
         extra = {"policy_loss": float(pg_sum.detach()) / ntok, "value_loss": float(vf_sum.detach()) / ntok,
                  "clip_frac": float(pm["clip_frac"]), "approx_kl": float(pm["approx_kl"]),
@@ -314,10 +260,9 @@ class PPOTrainer(RLTrainer):
                  "entropy": float((out["entropy"] * mask).sum()) / ntok}
         if sc.ptx_coef > 0:
             ptx = self.ptx_loss(model, batch)
-            loss = loss + sc.ptx_coef * ptx * float(batch["units"])
-            extra["ptx_loss"] = float(ptx.detach())
-        extra.update(batch.get("stats", {}))
-        return LossOutput(loss=loss, aux_loss=out.get("aux_loss"), extra=extra)
+            terms["ptx"] = sc.ptx_coef * ptx
+            extra["ptx_loss"] = float(ptx.detach()) / max(self.ptx_units(batch), 1)
+        return LossOutput(loss=terms if len(terms) > 1 else terms[MAIN], aux_loss=out.get("aux_loss"), extra=extra)
 
     # --------------------------------------------------------------------------------- state / export
     def save_extra_state(self, directory: Path) -> None:
@@ -337,24 +282,15 @@ class PPOTrainer(RLTrainer):
     def export(self) -> Path | None:
         """``output_dir/final``: the policy as an HF-format folder (LoRA merged); the value model's weights in
         ``output_dir/value_model/model.safetensors``."""
-        from ..model.hf import save_pretrained
-        from ..model.lora import has_lora, save_lora
-        from .setup import merge_lora_state, new_model_for_export
-        state = self.backend.full_state_dict(self.model)
-        if not self.backend.is_main:
-            return None
-        plain = self.backend.unwrap(self.model)
-        policy = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
-        value = {k: v for k, v in state.items() if not k.startswith("policy.")}
-        path = self.output_dir / "final"
-        if has_lora(plain.policy):
-            save_lora(plain.policy, self.output_dir / "lora_adapter")
-            policy = merge_lora_state(policy, plain.policy)
-        save_pretrained(new_model_for_export(self.model_config), path, state_dict=policy)
-        if self.tokenizer is not None:
-            self.tokenizer.save(path)
-        from safetensors.torch import save_file
-        vdir = self.output_dir / "value_model"
-        vdir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in value.items()}, str(vdir / "model.safetensors"))
-        return path
+        def write(state: dict, plain: PolicyValueModel, path: Path) -> None:
+            from safetensors.torch import save_file
+            policy = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+            write_model_folder(policy, self.model_config, path)
+            vdir = self.output_dir / "value_model"
+            vdir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("policy.")},
+                      str(vdir / "model.safetensors"))
+            set_default_file_mode(vdir / "model.safetensors")
+
+        return export_model(self.backend, self.model, self.output_dir / "final", self.tokenizer, write=write,
+                            adapters=lambda plain: plain.policy)

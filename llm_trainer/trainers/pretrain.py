@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..configs import PretrainConfig
 from ..data.collate import collate_for
 from ..data.datasets import open_dataset
 from .lm import LanguageModelingTrainer
@@ -13,17 +12,13 @@ class Trainer(LanguageModelingTrainer):
     """Pretraining: ``Trainer(train_config=..., eval_prompts=[...]).train()``."""
 
     stage = "pretrain"
+    stage_slot = "pretrain_config"
 
-    def get_stage_config(self) -> PretrainConfig:
-        return self.config.pretrain_config or PretrainConfig()
-
-    def build_dataset(self, files: Any):
+    def build_dataset(self, files: Any, split: str):
         vocab = self.model_config.vocab_size
         return open_dataset("pretrain", files, self.config.block_size, tokenizer=self.tokenizer, vocab_size=vocab)
 
-    def collate(self, items: list[dict]) -> dict:
-        if not hasattr(self, "_collate"):
-            # packing=True: windows span several documents; attention and positions restart after each EOS
-            eos = getattr(self.tokenizer, "eos_token_id", None) if self.stage_config.packing else None
-            self._collate = collate_for("pretrain", self.pad_token_id(), eos_token_id=eos)
-        return self._collate(items)
+    def build_collate(self):
+        # packing=True: windows span several documents; attention and positions restart after each EOS
+        eos = getattr(self.tokenizer, "eos_token_id", None) if self.stage_config.packing else None
+        return collate_for("pretrain", self.pad_token_id(), eos_token_id=eos)

@@ -1,14 +1,17 @@
-"""Building what a trainer needs from a `TrainConfig`: backend, tokenizer, model (+ weights, LoRA), export."""
+"""Builders a trainer calls once: backend, tokenizer, model config, model (+ weights, LoRA), and the one export path.
+
+Each takes explicit arguments (not the whole `TrainConfig`), so reference, teacher and value models are built the
+same way as the policy without copying and patching the config.
+"""
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ..configs import TrainConfig
 from ..model import LlmModel, ModelConfig
 
 
@@ -21,20 +24,23 @@ def resolve_dtype(dtype: str) -> str:
     return "fp32"
 
 
-def build_backend(cfg: TrainConfig):
+def build_backend(ds_config: Any, dtype: str, run_dir: str):
+    """The backend the launcher chose (single / DDP / DeepSpeed). With DeepSpeed on a GPU and ``dtype='auto'`` the
+    DeepSpeed config's bf16/fp16 sections decide."""
     from ..parallel import get_backend
-    ds = cfg.ds_config
-    dtype = resolve_dtype(cfg.dtype)
-    if ds is not None and cfg.dtype == "auto" and torch.cuda.is_available():
-        dtype = None                                   # the DeepSpeed config decides (bf16/fp16 sections)
-    return get_backend(ds, dtype, run_dir=cfg.output_dir)
+    resolved = resolve_dtype(dtype)
+    if ds_config is not None and dtype == "auto" and torch.cuda.is_available():
+        resolved = None
+    return get_backend(ds_config, resolved, run_dir=run_dir)
 
 
-def build_tokenizer(cfg: TrainConfig):
-    if cfg.tokenizer is None:
+def build_tokenizer(path: str | None, chat_template: str | None = None, chat_template_kwargs: dict | None = None):
+    """The run's tokenizer (None without a path); ``chat_template`` / ``chat_template_kwargs`` override the
+    folder's template choice and its template variables (e.g. ``enable_thinking``)."""
+    if path is None:
         return None
     from ..tokenizer import Tokenizer
-    return Tokenizer(cfg.tokenizer)
+    return Tokenizer(path, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs or None)
 
 
 def _is_hf_folder(path: str | None) -> bool:
@@ -53,21 +59,41 @@ def _is_vlm_folder(path: str | None) -> bool:
     return json.loads((Path(path) / "config.json").read_text()).get("model_type") == VLM_MODEL_TYPE
 
 
-def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    """An HF-format ``init_weights_path`` brings its own architecture; otherwise ``model_config``.
+def require_path(path: str | None, what: str) -> None:
+    """Raise ``FileNotFoundError`` naming the setting ``what`` when ``path`` is set but does not exist."""
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
 
-    A saved VLM folder gives its `VLMConfig`. With ``model_config=VLMConfig(...)`` and an LLM folder as
-    ``init_weights_path``, the VLM config is kept and the folder initialises its language model (see
-    :func:`load_weights`)."""
-    if _is_vlm_folder(cfg.init_weights_path):
+
+def resolve_model_config(model_config: ModelConfig | None, weights: str | None, loss_config: Any = None,
+                         what: str = "TrainConfig.init_weights_path") -> ModelConfig:
+    """An HF-format ``weights`` folder brings its own architecture; otherwise ``model_config``.
+
+    A saved VLM folder gives its `VLMConfig`. With a `VLMConfig` and an LLM folder as ``weights``, the VLM config
+    is kept and the folder initialises its language model (see :func:`load_weights`). ``loss_config``'s MoE
+    coefficients (``LossConfig.moe_aux_loss_coef`` / ``moe_z_loss_coef``) override the model's for this run.
+    ``what`` names the setting ``weights`` came from, for the error when it does not exist."""
+    require_path(weights, what)
+    if _is_vlm_folder(weights):
         from ..model.vlm import VLMConfig
-        return VLMConfig.from_pretrained_dir(cfg.init_weights_path)
-    if _is_hf_folder(cfg.init_weights_path):
-        if is_vlm_config(cfg.model_config):
-            return cfg.model_config
+        config = VLMConfig.from_pretrained_dir(weights)
+    elif _is_hf_folder(weights) and not is_vlm_config(model_config):
         from ..model.hf import read_config
-        return read_config(cfg.init_weights_path)
-    return cfg.model_config
+        config = read_config(weights)
+    else:
+        config = model_config
+    return _override_moe(config, loss_config)
+
+
+def _override_moe(config: Any, loss_config: Any) -> Any:
+    overrides = {k: v for k, v in (("aux_loss_coef", getattr(loss_config, "moe_aux_loss_coef", None)),
+                                   ("z_loss_coef", getattr(loss_config, "moe_z_loss_coef", None))) if v is not None}
+    if not overrides:
+        return config
+    if getattr(config, "moe", None) is None:
+        raise ValueError(f"LossConfig.moe_{next(iter(overrides))} is set but the model has no MoE layers "
+                         f"(model_config.moe is None)")
+    return dataclasses.replace(config, moe=dataclasses.replace(config.moe, **overrides))
 
 
 def new_model(config: ModelConfig) -> torch.nn.Module:
@@ -83,20 +109,48 @@ def lora_target(model: torch.nn.Module) -> torch.nn.Module:
     return model.llm if isinstance(model, VlmModel) else model
 
 
-def build_model(cfg: TrainConfig, config: ModelConfig, backend, weights_path: str | None = None) -> torch.nn.Module:
-    """Construct (partitioned under ZeRO-3), load weights, add LoRA, set gradient checkpointing."""
+def load_model(config: ModelConfig, weights: str | None = None) -> torch.nn.Module:
+    """A model of ``config`` with ``weights`` loaded (random init when None). No context: a backend's
+    ``frozen_replica(build=...)`` calls this inside its own construction context."""
+    model = new_model(config)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def build_model(config: ModelConfig, backend, *, weights: str | None = None, lora: Any = None,
+                gradient_checkpointing: bool | int | list[int] = False, seed: int | None = None) -> torch.nn.Module:
+    """A trainable model: constructed in ``backend.model_init_context()`` (partitioned under ZeRO-3), ``weights``
+    loaded, LoRA adapters added (``lora``: a `LoRAConfig`), gradient checkpointing set. ``seed`` seeds the random
+    initialisation, so two models built with the same seed start equal (PPO's value backbone and the policy)."""
+    if seed is not None:
+        torch.manual_seed(seed)
     with backend.model_init_context():
         model = new_model(config)
-    path = weights_path if weights_path is not None else cfg.init_weights_path
-    if path is not None:
-        load_weights(model, path)
-    if cfg.lora is not None:
+    if weights is not None:
+        load_weights(model, weights)
+    if lora is not None:
         from ..model.lora import apply_lora
-        lc = cfg.lora
-        apply_lora(lora_target(model), r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules)
-    if cfg.gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
-        model.set_gradient_checkpointing(True)
+        apply_lora(lora_target(model), r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                   target_modules=lora.target_modules)
+        if lora.quantize_base is not None:
+            from ..model.quant import quantize_base
+            quantize_base(lora_target(model), lora.quantize_base)
+        if lora.trainable_token_rows_from is not None:
+            from ..model.vocab import train_new_token_rows
+            train_new_token_rows(lora_target(model), lora.trainable_token_rows_from)
+    if gradient_checkpointing is not False and hasattr(model, "set_gradient_checkpointing"):
+        model.set_gradient_checkpointing(True, layers=checkpointed_layers(gradient_checkpointing))
     return model
+
+
+def checkpointed_layers(setting: bool | int | list[int]) -> slice | list[int] | None:
+    """The blocks ``TrainConfig.gradient_checkpointing`` selects: None (all), every k-th, or the listed ones."""
+    if setting is True:
+        return None
+    if isinstance(setting, int):
+        return slice(None, None, setting)
+    return list(setting)
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
@@ -129,32 +183,42 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
                             f"nor a safetensors file")
 
 
-def trainable_parameters(model: torch.nn.Module) -> torch.nn.Module:
-    """The model itself: the optimizer builds weight-decay groups by name and skips frozen parameters."""
+def check_trainable(model: torch.nn.Module) -> None:
+    """Raise when every parameter is frozen (the optimizer builds weight-decay groups by name from the model)."""
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no trainable parameters: everything is frozen")
-    return model
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """An eval-mode, no-grad deep copy (reference models start as the initial policy, never random)."""
-    ref = copy.deepcopy(model)
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+# ------------------------------------------------------------------------------------------------------- export
+Writer = Callable[[dict, torch.nn.Module, Path], None]
 
 
-def export_model(backend, model: torch.nn.Module, config: ModelConfig, tokenizer, path: Path) -> Path | None:
-    """HF-format folder (+ tokenizer) written by the main rank; LoRA adapters are merged into the export."""
+def export_model(backend, model: torch.nn.Module, path: Path, tokenizer=None, *,
+                 write: Writer | None = None, adapters: Callable[[torch.nn.Module], torch.nn.Module] = lora_target,
+                 config: ModelConfig | None = None) -> Path | None:
+    """The one export path: the full state dict (collective), then on the main rank the LoRA adapters of
+    ``adapters(plain)`` saved to ``path.parent/lora_adapter`` and merged into the weights, ``write(state, plain,
+    path)`` (default: an HF-format LLM/VLM folder of ``config``), and the tokenizer. Returns ``path`` (None on
+    other ranks)."""
     from ..model.lora import has_lora, save_lora
-    plain = backend.unwrap(model)
-    state = backend.full_state_dict(model)
+    state = backend.full_state_dict(model, copy=False)     # read-only here: no second copy of the model
     if not backend.is_main:
         return None
+    plain = backend.unwrap(model)
     if has_lora(plain):
-        save_lora(plain, path.parent / "lora_adapter")
+        save_lora(adapters(plain), path.parent / "lora_adapter")
         state = merge_lora_state(state, plain)
+    if write is None:
+        write_model_folder(state, config if config is not None else plain.config, path)
+    else:
+        write(state, plain, path)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path
+
+
+def write_model_folder(state: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
+    """An HF-format folder of an LLM or VLM of ``config`` holding ``state``."""
     target = new_model_for_export(config)
     if isinstance(target, LlmModel):
         from ..model.hf import save_pretrained
@@ -163,9 +227,6 @@ def export_model(backend, model: torch.nn.Module, config: ModelConfig, tokenizer
         target.to_empty(device="cpu")
         target.load_state_dict(state, strict=True)
         target.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save(path)
-    return path
 
 
 def merge_lora_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -92,22 +92,28 @@ def reference_run(world: int, steps: int, grad_accum: int, optim: str, clip: flo
 
 
 def train_steps(backend, model, steps: int, grad_accum: int, clip: float | None, first_step: int = 0,
-                on_step=None) -> list:
-    """The loop exactly as the trainer drives a Backend."""
+                on_step=None, *, batch_fn=micro_batch, loss_fn=loss_sum, losses: list | None = None) -> list:
+    """The loop exactly as the trainer drives a Backend. ``batch_fn(step, micro, rank, world)`` -> (ids, labels)
+    and ``loss_fn(model, ids, labels)`` -> (token loss sum, tokens) default to the TinyLM ones; ``losses``
+    collects each step's global mean loss."""
     norms = []
     for step in range(first_step, first_step + steps):
-        batches = [micro_batch(step, m, backend.rank, backend.world_size) for m in range(grad_accum)]
+        batches = [batch_fn(step, m, backend.rank, backend.world_size) for m in range(grad_accum)]
         local = torch.tensor(float(sum(int((lab != -100).sum()) for _, lab in batches)))
         total = backend.all_reduce(local, "sum").item()
+        window = torch.zeros(())
         for m, (ids, lab) in enumerate(batches):
             ctx = backend.no_sync() if m < grad_accum - 1 else contextlib.nullcontext()
             with ctx, backend.autocast():
-                ls, _ = loss_sum(model, ids.to(backend.device), lab.to(backend.device))
+                ls, _ = loss_fn(model, ids.to(backend.device), lab.to(backend.device))
                 backend.backward(ls / total)
+            window += float(ls.detach())
         n1 = backend.clip(clip)
         n2 = backend.step()
         backend.zero_grad()
         norms.append(n2 if n2 is not None else n1)
+        if losses is not None:
+            losses.append(backend.all_reduce(window, "sum").item() / total)
         if on_step is not None:
             on_step(step)
     return norms

@@ -1,0 +1,124 @@
+"""Tiny model folders for the serving tests (`test_serve*.py`, `test_chat_cli.py`): a byte-level BPE tokenizer
+trained here, and random `LlmModel` / `VlmModel` / `RewardModel` folders saved next to it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello there! How are you today?",
+          "Numbers: 12 + 7 = 19, 3 * 4 = 12.", "A small model answers small questions.",
+          "Ünïcödé text — naïve café, 東京, emoji 🙂."]
+
+
+def make_tokenizer(out: Path):
+    from llm_trainer.tokenizer import Tokenizer, train_tokenizer
+
+    corpus = out.parent / f"{out.name}_corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 20), encoding="utf-8")
+    train_tokenizer([corpus], 300, out, template="chatml", added_tokens=["<image>"], show_progress=False)
+    return Tokenizer(out)
+
+
+def llm_config(vocab_size: int, **kw):
+    from llm_trainer.model import ModelConfig
+
+    base = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.2,
+                tie_word_embeddings=False)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_llm_folder(out: Path, seed: int = 0, **kw) -> Path:
+    from llm_trainer.model import LlmModel
+
+    tok = make_tokenizer(out)
+    torch.manual_seed(seed)
+    LlmModel(llm_config(tok.vocab_size, **kw)).save_pretrained(out)
+    tok.save(out)
+    return out
+
+
+def make_vlm_folder(out: Path, seed: int = 0) -> Path:
+    from llm_trainer.model.vision import VisionConfig
+    from llm_trainer.model.vlm import VLMConfig, VlmModel
+
+    tok = make_tokenizer(out)
+    torch.manual_seed(seed)
+    vision = VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2)
+    cfg = VLMConfig.from_llm_config(llm_config(tok.vocab_size), vision_config=vision,
+                                    image_token_id=tok.image_token_id, tokens_per_image=4)
+    VlmModel(cfg).save_pretrained(out)
+    tok.save(out)
+    return out
+
+
+def make_reward_folder(out: Path, seed: int = 0) -> Path:
+    from llm_trainer.trainers.reward import RewardModel
+
+    tok = make_tokenizer(out)
+    torch.manual_seed(seed)
+    model = RewardModel(llm_config(tok.vocab_size))
+    with torch.no_grad():
+        model.score_head.bias.fill_(0.25)
+    model.save_pretrained(out)
+    tok.save(out)
+    return out
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+class ServerProcess:
+    """`llm-trainer serve` in a subprocess on a free loopback port (the port is read from its first line)."""
+
+    def __init__(self, folder: Path, *args: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llm_trainer.cli.main", "serve", str(folder), "--host", "127.0.0.1", "--port", "0",
+             "--threads", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+        line = self.proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
+        self.port = int(m.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def health(self) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/health", timeout=30) as r:
+            return json.loads(r.read())
+
+    def wait_until(self, predicate, what: str, timeout: float = 60.0) -> dict:
+        """Poll /health until ``predicate(health)`` (a generous deadline; not a timing assertion)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            h = self.health()
+            if predicate(h):
+                return h
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server never reached: {what}; last /health: {h}")
+            time.sleep(0.05)
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
