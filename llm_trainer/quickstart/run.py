@@ -4,16 +4,9 @@ classifier (is ``a+b=c`` true?) on the SFT model with its held-out accuracy befo
 Everything is generated locally (no hub access); the full size takes a few minutes on a 2-core CPU, ``size="tiny"``
 is the test-suite setting (seconds, no accuracy claims).
 
-Each stage has something real to add. The SFT demonstrations come from a careless adder who drops the carry in three
-of four carry problems (``carry_slip``), so imitation learns to add *and* the slip: after SFT the no-carry half of the
-held-out problems is right and most carry problems come out ten short. DPO's pairs (the right sum preferred to a
-near miss) and GRPO's exact-match reward then repair the carry.
-
-No stage ends on a knife edge. A run is deterministic on one machine, but another CPU's kernels (AVX2 vs AVX-512,
-another BLAS path) round differently and the runs drift apart; a stage stopped in the middle of a steep learning
-transition then lands anywhere on it (an earlier budget stopped SFT mid-transition: 0.24 to 0.64 held-out accuracy
-across kernel paths). SFT runs well past the step where it learns to add on every configuration we tried, and every
-stage decays its lr so it ends settled. The measured ranges over seeds × kernel paths × thread counts are in
+Every stage trains with a constant lr (on these budgets a warmup + cosine decay to lr/10 arrives before the model
+has learned to add and left SFT far lower). SFT's held-out accuracy depends on where its learning transition falls,
+which moves with the CPU's kernels, the thread count and the seed; the ranges measured over those are in
 docs/benchmarks.md ("Quickstart").
 """
 from __future__ import annotations
@@ -29,7 +22,7 @@ from .task import correct, write_classify_files, write_task_files
 
 @dataclass(frozen=True)
 class QuickstartSize:
-    """A quickstart preset: the model, the task and each stage's budget (optimizer updates) and peak lr."""
+    """A quickstart preset: the model, the task and each stage's budget (optimizer updates) and lr."""
 
     hidden: int
     """Model width."""
@@ -39,28 +32,24 @@ class QuickstartSize:
     """Attention heads (half as many KV heads)."""
     max_operand: int
     """Operands run over 0..max_operand."""
-    pad_operands: bool
-    """Write operands zero-padded to a fixed width (``07+15=?``, see `task`)."""
     pretrain_repeats: int
     """How often each training problem appears in the pretraining text."""
-    carry_slip: float
-    """Share of carry problems whose SFT demonstration drops the carry (see `task.demonstrated_answer`)."""
     pretrain_steps: int
     """Pretraining updates (2048 tokens each at batch 32)."""
     pretrain_lr: float
-    """Pretraining peak lr."""
+    """Pretraining lr."""
     sft_steps: int
     """SFT updates."""
     sft_lr: float
-    """SFT peak lr."""
+    """SFT lr."""
     dpo_steps: int
     """DPO updates."""
     dpo_lr: float
-    """DPO peak lr."""
+    """DPO lr."""
     grpo_steps: int
     """GRPO updates (batch_size // 4 prompts x 8 completions each)."""
     grpo_lr: float
-    """GRPO peak lr."""
+    """GRPO lr."""
     batch_size: int
     """Sequences (pretrain, SFT) or pairs (DPO) per update."""
     test_limit: int
@@ -68,38 +57,33 @@ class QuickstartSize:
 
 
 SIZES = {
-    "full": QuickstartSize(hidden=128, layers=4, heads=4, max_operand=49, pad_operands=True, pretrain_repeats=2,
-                           carry_slip=0.75,
-                           pretrain_steps=150, pretrain_lr=1e-3, sft_steps=2000, sft_lr=1e-3, dpo_steps=40,
-                           dpo_lr=1e-4, grpo_steps=80, grpo_lr=1e-4, batch_size=32, test_limit=250),
-    "tiny": QuickstartSize(hidden=32, layers=2, heads=2, max_operand=9, pad_operands=True, pretrain_repeats=1,
-                           carry_slip=0.75,
-                           pretrain_steps=2, pretrain_lr=1e-3, sft_steps=3, sft_lr=1e-3, dpo_steps=2, dpo_lr=1e-4,
-                           grpo_steps=2, grpo_lr=1e-4, batch_size=8, test_limit=10),
+    "full": QuickstartSize(hidden=128, layers=4, heads=4, max_operand=49, pretrain_repeats=2, pretrain_steps=150,
+                           pretrain_lr=1e-3, sft_steps=1000, sft_lr=1e-3, dpo_steps=40, dpo_lr=2e-5, grpo_steps=80,
+                           grpo_lr=2e-5, batch_size=32, test_limit=250),
+    "tiny": QuickstartSize(hidden=32, layers=2, heads=2, max_operand=9, pretrain_repeats=1, pretrain_steps=2,
+                           pretrain_lr=1e-3, sft_steps=3, sft_lr=1e-3, dpo_steps=2, dpo_lr=2e-5, grpo_steps=2,
+                           grpo_lr=2e-5, batch_size=8, test_limit=10),
 }
 STAGES = ("pretrain", "sft", "dpo", "grpo", "classify")
 CLASSIFY_STEPS = {"full": 40, "tiny": 2}   # the classifier stage's optimizer steps per size
 
 
 def _train_config(out: Path, stage: str, tokenizer_dir: Path, size: QuickstartSize, init: Path | None, *,
-                  vocab_size: int, lr: float, steps: int, seed: int, decay: bool = True, batch_size: int | None = None,
-                  **kw):
-    """A stage's TrainConfig: a new model when there is no ``init`` export to continue from; ``steps`` updates
-    with a short warmup to ``lr`` and a cosine decay to ``lr / 10`` (``decay=False``: a constant ``lr``)."""
+                  vocab_size: int, lr: float, steps: int, seed: int, batch_size: int | None = None, **kw):
+    """A stage's TrainConfig: a new model when there is no ``init`` export to continue from; ``steps`` updates at a
+    constant ``lr``."""
     from ..configs import OptimConfig, TrainConfig
     from ..model import ModelConfig
     model = None if init else ModelConfig(
         vocab_size=vocab_size, hidden_size=size.hidden, num_hidden_layers=size.layers,
         num_attention_heads=size.heads, num_key_value_heads=max(1, size.heads // 2), max_position_embeddings=256,
-        tie_word_embeddings=False)
+        tie_word_embeddings=True)
     return TrainConfig(
         output_dir=str(out / stage), tokenizer=str(tokenizer_dir), init_weights_path=str(init) if init else None,
         model_config=model, batch_size=batch_size or size.batch_size, dataset_block_size=64, seed=seed,
         n_epochs=1000, max_steps=steps, log_interval=5, save_interval=10_000, eval_interval=10_000,
         resume_from="auto",
-        optim_config=OptimConfig(initial_lr=lr / 10, max_lr=lr, min_lr=lr / 10, warmup_iters=max(1, steps // 20),
-                                 weight_decay=0.01, enable_lr_scheduler=True) if decay else
-        OptimConfig(initial_lr=lr, weight_decay=0.01),
+        optim_config=OptimConfig(initial_lr=lr, weight_decay=0.01),
         **kw)
 
 
@@ -128,8 +112,7 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", size: str = "full
     say(f"torch {torch.__version__} on {_threads()}, {torch.backends.cpu.get_cpu_capability()} kernels "
         f"(OMP_NUM_THREADS sets the thread count)")
 
-    files = write_task_files(out / "data", seed=seed, max_operand=sz.max_operand, pretrain_repeats=sz.pretrain_repeats,
-                             carry_slip=sz.carry_slip, pad_operands=sz.pad_operands)
+    files = write_task_files(out / "data", seed=seed, max_operand=sz.max_operand, pretrain_repeats=sz.pretrain_repeats)
     test = load_test_set(files["test"])[:sz.test_limit]
     say(f"synthetic a+b task written to {out / 'data'} ({len(test)} held-out problems)")
     tok_dir = out / "tokenizer"
@@ -177,21 +160,18 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", size: str = "full
             Trainer(train_config=config("pretrain", sz.pretrain_lr, sz.pretrain_steps,
                                         file_dataset=[str(data / "pretrain_tokens.npy")],
                                         pretrain_config=PretrainConfig()),
-                    eval_prompts=["12+07="]).train()
+                    eval_prompts=["12+7="]).train()
             finish(stage, t_stage)
         elif stage == "sft":
-            # a constant lr: SFT first sits on a plateau (the units digit at chance) for a number of updates that
-            # varies widely between CPUs and seeds; a decaying lr stretched that wait past 2000 updates in our runs
-            SFTTrainer(train_config=config("sft", sz.sft_lr, sz.sft_steps, decay=False,
-                                           file_dataset=[str(data / "sft_tokens")],
+            SFTTrainer(train_config=config("sft", sz.sft_lr, sz.sft_steps, file_dataset=[str(data / "sft_tokens")],
                                            sft_config=SFTConfig(mask_prompt=True)),
-                       eval_prompts=["12+07=?"]).train()
+                       eval_prompts=["12+7=?"]).train()
             finish(stage, t_stage)
         elif stage == "dpo":
             trainer = DPOTrainer(train_config=config("dpo", sz.dpo_lr, sz.dpo_steps,
                                                      file_dataset=[str(data / "dpo_tokens")],
                                                      dpo_config=DPOConfig(loss_beta=0.1, nll_loss_coef=0.2)),
-                                 eval_prompts=["12+07=?"])
+                                 eval_prompts=["12+7=?"])
             before = trainer.preference_accuracy()
             trainer.train()
             after = trainer.preference_accuracy()
@@ -203,7 +183,7 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", size: str = "full
                          file_dataset=[str(data / "rl_tokens")],
                          grpo_config=GRPOConfig(group_size=8, loss_beta=0.0, generate_config=gen))
             before = sampled_reward(model, tok, test) if model is not None else float("nan")  # nan: no model yet
-            GRPOTrainer(train_config=cfg, reward_func=correct, eval_prompts=["12+07=?"]).train()
+            GRPOTrainer(train_config=cfg, reward_func=correct, eval_prompts=["12+7=?"]).train()
             after = sampled_reward(LlmModel.from_pretrained(out / "grpo" / "final"), tok, test)
             finish(stage, t_stage, {"sampled_reward_before": before, "sampled_reward_after": after})
         else:
@@ -222,14 +202,14 @@ def _classify_stage(out: Path, tok, size: str, sz: QuickstartSize, seed: int, in
     from ..configs import ClassifyConfig
     from ..data.classify import prepare_classify
     from ..trainers.classify import ClassificationTrainer
-    files = write_classify_files(out / "data", seed=seed, max_operand=sz.max_operand, pad_operands=sz.pad_operands)
+    files = write_classify_files(out / "data", seed=seed, max_operand=sz.max_operand)
     data = out / "data"
     prepare_classify(tok, files["classify"], data / "classify_tokens", progress=False)
     prepare_classify(tok, files["classify_test"], data / "classify_test_tokens", labels=data / "classify_tokens",
                      progress=False)
     # lr 1e-3, 40 steps from the pretrained model (no SFT): held-out accuracy 0.458 -> 0.588 (measured 2026-11-28)
     cfg = _train_config(out, "classify", out / "tokenizer", sz, init, vocab_size=tok.vocab_size, seed=seed, lr=1e-3,
-                        steps=CLASSIFY_STEPS[size], decay=False, file_dataset=str(data / "classify_tokens"),
+                        steps=CLASSIFY_STEPS[size], file_dataset=str(data / "classify_tokens"),
                         eval_file_dataset=str(data / "classify_test_tokens"), classify_config=ClassifyConfig())
     trainer = ClassificationTrainer(train_config=cfg)
     before = trainer.classification_metrics()

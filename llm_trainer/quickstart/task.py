@@ -1,9 +1,6 @@
 """The synthetic arithmetic task: ``a+b`` with two-digit operands, as text, chat, preference pairs and RL prompts.
 
 Held-out problems are operand pairs never seen in any training file, so accuracy measures generalisation.
-Operands may be written zero-padded to a fixed width (``07+15=?``): every digit then sits at a fixed distance from
-the answer, which a small model finds far sooner and more reliably than digits whose position depends on the other
-operand's length.
 """
 from __future__ import annotations
 
@@ -20,35 +17,20 @@ SYSTEM = "You add numbers."
 class Problem:
     a: int
     b: int
-    width: int = 1
-    """Digits each operand is written with (zero-padded); 1 writes them plainly."""
 
     @property
     def answer(self) -> int:
         return self.a + self.b
 
     @property
-    def operands(self) -> tuple[str, str]:
-        return f"{self.a:0{self.width}d}", f"{self.b:0{self.width}d}"
-
-    @property
     def question(self) -> str:
-        a, b = self.operands
-        return f"{a}+{b}=?"
-
-    @property
-    def carries(self) -> bool:
-        """Whether the units digits carry into the tens (the step a careless adder forgets)."""
-        return self.a % 10 + self.b % 10 >= 10
+        return f"{self.a}+{self.b}=?"
 
 
-def split_problems(max_operand: int = 49, test_fraction: float = 0.1, seed: int = 0,
-                   pad_operands: bool = False) -> tuple[list[Problem], list[Problem]]:
-    """All ``a+b`` with ``0 ≤ a, b ≤ max_operand``, split into disjoint train and held-out sets
-    (``pad_operands``: written zero-padded to the width of ``max_operand``)."""
+def split_problems(max_operand: int = 49, test_fraction: float = 0.1, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """All ``a+b`` with ``0 ≤ a, b ≤ max_operand``, split into disjoint train and held-out sets."""
     rng = random.Random(seed)
-    width = len(str(max_operand)) if pad_operands else 1
-    problems = [Problem(a, b, width) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    problems = [Problem(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
     rng.shuffle(problems)
     n_test = max(1, int(len(problems) * test_fraction))
     return problems[n_test:], problems[:n_test]
@@ -63,8 +45,7 @@ def pretrain_lines(problems: list[Problem], rng: random.Random, repeats: int) ->
     out = []
     for _ in range(repeats):
         for p in problems:
-            a, b = p.operands
-            out.append(rng.choice(forms).format(a=a, b=b, c=p.answer))
+            out.append(rng.choice(forms).format(a=p.a, b=p.b, c=p.answer))
     rng.shuffle(out)
     return out
 
@@ -84,20 +65,10 @@ def write_jsonl(path: Path, records) -> int:
     return n
 
 
-def demonstrated_answer(p: Problem, rng: random.Random, carry_slip: float) -> int:
-    """The SFT demonstration's answer: right, except that a share ``carry_slip`` of carry problems drops the carry
-    (``27+15`` → ``32``), the classic slip of a careless adder."""
-    return p.answer - 10 if carry_slip and p.carries and rng.random() < carry_slip else p.answer
-
-
-def write_task_files(out: Path, seed: int = 0, max_operand: int = 49, pretrain_repeats: int = 4,
-                     carry_slip: float = 0.0, pad_operands: bool = False) -> dict[str, Path]:
-    """Write every stage's jsonl into ``out`` and return their paths. ``carry_slip`` > 0 makes the SFT
-    demonstrations imperfect (see `demonstrated_answer`); pretraining text, preference pairs, RL answers and the
-    held-out answers stay right. ``pad_operands``: see `split_problems`."""
+def write_task_files(out: Path, seed: int = 0, max_operand: int = 49, pretrain_repeats: int = 4) -> dict[str, Path]:
+    """Write every stage's jsonl into ``out`` and return their paths."""
     rng = random.Random(seed)
-    slip_rng = random.Random(seed + 1)
-    train, test = split_problems(max_operand, seed=seed, pad_operands=pad_operands)
+    train, test = split_problems(max_operand, seed=seed)
     files = {
         "pretrain": out / "pretrain.jsonl",
         "sft": out / "sft.jsonl",
@@ -106,8 +77,8 @@ def write_task_files(out: Path, seed: int = 0, max_operand: int = 49, pretrain_r
         "test": out / "test.jsonl",
     }
     write_jsonl(files["pretrain"], ({"text": t} for t in pretrain_lines(train, rng, pretrain_repeats)))
-    write_jsonl(files["sft"], ({"messages": chat_prompt(p) + [
-        {"role": "assistant", "content": str(demonstrated_answer(p, slip_rng, carry_slip))}]} for p in train))
+    write_jsonl(files["sft"], ({"messages": chat_prompt(p) + [{"role": "assistant", "content": str(p.answer)}]}
+                               for p in train))
     write_jsonl(files["dpo"], ({"prompt": chat_prompt(p), "chosen": str(p.answer),
                                 "rejected": str(wrong_answer(p, rng))} for p in train))
     write_jsonl(files["rl"], ({"prompt": chat_prompt(p), "answer": str(p.answer)} for p in train))
@@ -165,19 +136,17 @@ def statement_records(problems: list[Problem], rng: random.Random, max_sum: int)
     out = []
     for p in problems:
         wrong = rng.choice([c for c in range(max_sum + 1) if c != p.answer])
-        a, b = p.operands
-        out.append({"text": f"{a}+{b}={p.answer}", "label": "true"})
-        out.append({"text": f"{a}+{b}={wrong}", "label": "false"})
+        out.append({"text": f"{p.a}+{p.b}={p.answer}", "label": "true"})
+        out.append({"text": f"{p.a}+{p.b}={wrong}", "label": "false"})
     rng.shuffle(out)
     return out
 
 
-def write_classify_files(out: Path, seed: int = 0, max_operand: int = 49,
-                         pad_operands: bool = False) -> dict[str, Path]:
+def write_classify_files(out: Path, seed: int = 0, max_operand: int = 49) -> dict[str, Path]:
     """``classify.jsonl`` (training problems) and ``classify_test.jsonl`` (the held-out operand pairs of
     :func:`split_problems`) in ``out``."""
     rng = random.Random(seed + 1)
-    train, test = split_problems(max_operand, seed=seed, pad_operands=pad_operands)
+    train, test = split_problems(max_operand, seed=seed)
     files = {"classify": out / "classify.jsonl", "classify_test": out / "classify_test.jsonl"}
     write_jsonl(files["classify"], statement_records(train, rng, 2 * max_operand))
     write_jsonl(files["classify_test"], statement_records(test, rng, 2 * max_operand))
