@@ -33,8 +33,14 @@ from llm_trainer.trainers.rollout import build_sequences, completion_logps
 pytestmark = pytest.mark.slow
 
 SEEDS = (0, 1, 2)
-MIN_EXPECTED_GAIN = 0.03     # TODO measured
-MIN_SAMPLED_GAIN = 0.0       # TODO measured
+# Margins from the measurements (tests/learning_margins.py, 2026-11-28: seeds 0-5 × ATEN_CPU_CAPABILITY
+# avx512 / avx2 / default × 1 and 2 threads; docs/benchmarks.md, "Learning tests' margins"). The warm policy and the
+# GRPO run take another path on each kernel set, and one seed's gain ranged 0.008-0.081 (expected) and -0.008-0.092
+# (sampled, a 360-completion estimate): a per-seed sampled gain is noise, so the sampled reward is asserted as the
+# mean over the three seeds. Each margin is about half of the worst measured value:
+MIN_EXPECTED_GAIN = 0.004        # per seed; worst measured 0.008
+MIN_MEAN_EXPECTED_GAIN = 0.01    # mean over SEEDS; worst measured mean of three seeds 0.019
+MIN_MEAN_SAMPLED_GAIN = 0.004    # mean over SEEDS; worst measured mean of three seeds 0.009
 
 
 def warm_up(root: Path):
@@ -114,4 +120,6 @@ def test_grpo_raises_the_reward_on_the_arithmetic_task(warm_policy, tmp_path, ca
                   f"{r['expected_after']:.3f}, sampled reward {r['sampled_before']:.3f} -> {r['sampled_after']:.3f}")
     for seed, r in results.items():
         assert r["expected_after"] > r["expected_before"] + MIN_EXPECTED_GAIN, (seed, results)
-        assert r["sampled_after"] > r["sampled_before"] + MIN_SAMPLED_GAIN, (seed, results)
+    mean = lambda key: sum(r[key + "_after"] - r[key + "_before"] for r in results.values()) / len(results)  # noqa: E731
+    assert mean("expected") > MIN_MEAN_EXPECTED_GAIN, results
+    assert mean("sampled") > MIN_MEAN_SAMPLED_GAIN, results

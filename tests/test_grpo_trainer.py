@@ -11,7 +11,9 @@ from llm_trainer.trainers.rewards import RewardFunctionError
 from llm_trainer.trainers.rollout import completion_logps
 from rl_helpers import EOS, copy_items, copy_reward, grpo_train_config
 
-MIN_COPY_GAIN = 0.4   # TODO
+# about half the worst measured gain, 0.586 (seeds 0-3; the same on every kernel set and thread count measured by
+# tests/learning_margins.py on 2026-11-28, docs/benchmarks.md "Learning tests' margins")
+MIN_COPY_GAIN = 0.3
 
 
 def _trainer(tmp_path, reward=copy_reward, service=None, **kw):
