@@ -10,8 +10,8 @@ Measured before → after on the 90 training prompts, for every seed:
 * ``sampled``: the mean reward of 4 sampled completions per prompt (temperature 1, the same random numbers before
   and after).
 
-Measured (CPU): expected 0.308 → 0.387 / 0.389 / 0.388 and sampled 0.333 → 0.392 / 0.406 / 0.425 for seeds
-0 / 1 / 2 (about 25 s of CPU time in all, warm-up included).
+Measured over seeds 0-5 × three CPU kernel sets × 1 and 2 threads (tests/learning_margins.py; the margins below):
+expected gain 0.008-0.081 and sampled gain -0.008-0.092 per seed, about 12 s per seed.
 """
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ def test_grpo_raises_the_reward_on_the_arithmetic_task(warm_policy, tmp_path, ca
                   f"{r['expected_after']:.3f}, sampled reward {r['sampled_before']:.3f} -> {r['sampled_after']:.3f}")
     for seed, r in results.items():
         assert r["expected_after"] > r["expected_before"] + MIN_EXPECTED_GAIN, (seed, results)
-    mean = lambda key: sum(r[key + "_after"] - r[key + "_before"] for r in results.values()) / len(results)  # noqa: E731
-    assert mean("expected") > MIN_MEAN_EXPECTED_GAIN, results
-    assert mean("sampled") > MIN_MEAN_SAMPLED_GAIN, results
+    gains = {key: sum(r[key + "_after"] - r[key + "_before"] for r in results.values()) / len(results)
+             for key in ("expected", "sampled")}
+    assert gains["expected"] > MIN_MEAN_EXPECTED_GAIN, results
+    assert gains["sampled"] > MIN_MEAN_SAMPLED_GAIN, results

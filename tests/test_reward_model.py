@@ -12,7 +12,8 @@ from llm_trainer.trainers.reward import RewardTrainer
 
 # From tests/learning_margins.py (2026-11-28: seeds 42, 0-3, the same on every kernel set and thread count measured;
 # docs/benchmarks.md "Learning tests' margins"): held-out accuracy 1.0 on all 16 pairs every time (before: 0.125-0.688),
-# margin gain 8.6-11.7. The floors allow 4 of the 16 pairs lost (half-way between a coin flip and 1.0) and half the worst margin gain.
+# margin gain 8.6-11.7. The floors allow 4 of the 16 pairs lost (half-way between a coin flip and 1.0) and half the
+# worst margin gain.
 REWARD_MIN_ACCURACY = 0.75
 REWARD_MIN_MARGIN_GAIN = 4.0
 
