@@ -31,15 +31,19 @@ def test_quickstart_tiny_runs_every_stage(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert list(results) == ["pretrain", "sft", "dpo", "grpo", "classify"]
     for stage, res in results.items():
-        assert all(0.0 <= v <= 1.0 for k, v in res.items() if k != "seconds") and (stage == "classify" or "chat_accuracy" in res)
+        assert all(0.0 <= v <= 1.0 for k, v in res.items() if k != "seconds")
+        assert stage == "classify" or "chat_accuracy" in res
         assert (out / stage / "final" / "config.json").is_file() and (out / stage / "metrics.png").is_file()
     assert {"heldout_accuracy_before", "heldout_accuracy_after"} <= set(results["classify"])
     assert (out / "classify" / "confusion_matrix.png").is_file()
     assert {"preference_accuracy_before", "preference_accuracy_after"} <= set(results["dpo"])
     assert {"sampled_reward_before", "sampled_reward_after"} <= set(results["grpo"])
     printed = capsys.readouterr().out
-    assert re.search(r"torch \S+ on \d+ CPU threads?, \w+ kernels", printed)         # what the run used
-    assert re.search(r"sft done in \d+s → held-out chat_accuracy", printed)            # each stage's time
+    import torch
+    n = torch.get_num_threads()
+    assert re.search(rf"torch \S+ on {n} CPU threads?, \w+ kernels", printed)         # what the run used
+    assert all(re.search(rf"{stage} done in \d+s → held-out", printed) for stage in results)   # each stage's time
+    assert re.search(rf"finished in \d+s on {n} CPU threads?", printed)
     assert all(res["seconds"] >= 0 for res in results.values())
     LlmModel.from_pretrained(out / "grpo" / "final")   # the last export loads
 
@@ -90,5 +94,5 @@ def test_quickstart_stages_continue_from_an_earlier_runs_export(tmp_path):
     assert list(json.loads((out / "results.json").read_text())) == ["dpo"]
     sft = LlmModel.from_pretrained(out / "sft" / "final").state_dict()
     dpo = LlmModel.from_pretrained(out / "dpo" / "final").state_dict()
-    # two DPO updates at lr 1e-4 move a weight by ~1e-4; a freshly initialised model would differ by ~1e-1
+    # two DPO updates at lr 2e-5 move a weight by ~1e-4; a freshly initialised model would differ by ~1e-1
     assert max(float((sft[k] - dpo[k]).abs().max()) for k in sft) < 1e-2
