@@ -33,11 +33,11 @@ from llm_trainer.trainers.rollout import build_sequences, completion_logps
 pytestmark = pytest.mark.slow
 
 SEEDS = (0, 1, 2)
-# Margins from the measurements (tests/learning_margins.py, 2026-11-28: seeds 0-5 × ATEN_CPU_CAPABILITY
-# avx512 / avx2 / default × 1 and 2 threads; docs/benchmarks.md, "Learning tests' margins"). The warm policy and the
-# GRPO run take another path on each kernel set (avx512 / avx2 / default, MKL_CBWR=COMPATIBLE), and one seed's gain ranged 0.008-0.081 (expected) and -0.008-0.092
-# (sampled, a 360-completion estimate): a per-seed sampled gain is noise, so the sampled reward is asserted as the
-# mean over the three seeds. Each margin is about half of the worst measured value:
+# Margins from the measurements (tests/learning_margins.py, 2026-11-28: seeds 0-5 × ATEN_CPU_CAPABILITY avx512 /
+# avx2 / default × 1 and 2 threads, and MKL_CBWR=COMPATIBLE; docs/benchmarks.md, "Learning tests' margins"). The warm
+# policy and the GRPO run take another path on each kernel set, and one seed's gain ranged 0.008-0.081 (expected)
+# and -0.008-0.092 (sampled, a 360-completion estimate): a per-seed sampled gain is noise, so the sampled reward is
+# asserted as the mean over the three seeds. Each margin is about half of the worst measured value:
 MIN_EXPECTED_GAIN = 0.004        # per seed; worst measured 0.008
 MIN_MEAN_EXPECTED_GAIN = 0.01    # mean over SEEDS; worst measured mean of three seeds 0.019
 MIN_MEAN_SAMPLED_GAIN = 0.004    # mean over SEEDS; worst measured mean of three seeds 0.009
