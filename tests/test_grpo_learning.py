@@ -10,10 +10,12 @@ Measured before → after on the 90 training prompts, for every seed:
 * ``sampled``: the mean reward of 4 sampled completions per prompt (temperature 1, the same random numbers before
   and after).
 
-Measured (CPU): expected 0.308 → 0.387 / 0.389 / 0.388 and sampled 0.333 → 0.392 / 0.406 / 0.425 for seeds
-0 / 1 / 2 (about 25 s of CPU time in all, warm-up included).
+Measured over seeds 0-5 × three CPU kernel sets × 1 and 2 threads (tests/learning_margins.py; the margins below):
+expected gain 0.008-0.081 and sampled gain -0.008-0.092 per seed, about 12 s per seed.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,22 +25,27 @@ from llm_trainer.data import prepare_data
 from llm_trainer.data.datasets import open_dataset
 from llm_trainer.generation import GenerateConfig
 from llm_trainer.model import LlmModel, ModelConfig
-from llm_trainer.quickstart.task import exact_match, write_task_files
+from llm_trainer.quickstart.task import correct, write_task_files
 from llm_trainer.tokenizer import Tokenizer, train_tokenizer
 from llm_trainer.trainers.grpo import GRPOTrainer
 from llm_trainer.trainers.rollout import build_sequences, completion_logps
 
 pytestmark = pytest.mark.slow
 
+SEEDS = (0, 1, 2)
+# Margins from the measurements (tests/learning_margins.py, 2026-11-28: seeds 0-5 × ATEN_CPU_CAPABILITY avx512 /
+# avx2 / default × 1 and 2 threads, and MKL_CBWR=COMPATIBLE; docs/benchmarks.md, "Learning tests' margins"). The warm
+# policy and the GRPO run take another path on each kernel set, and one seed's gain ranged 0.008-0.081 (expected)
+# and -0.008-0.092 (sampled, a 360-completion estimate): a per-seed sampled gain is noise, so the sampled reward is
+# asserted as the mean over the three seeds. Each margin is about half of the worst measured value:
+MIN_EXPECTED_GAIN = 0.004        # per seed; worst measured 0.008
+MIN_MEAN_EXPECTED_GAIN = 0.01    # mean over SEEDS; worst measured mean of three seeds 0.019
+MIN_MEAN_SAMPLED_GAIN = 0.004    # mean over SEEDS; worst measured mean of three seeds 0.009
 
-def arithmetic_reward(*, completions, answers, **_):
-    return [exact_match(c, a) for c, a in zip(completions, answers)]
 
-
-@pytest.fixture(scope="module")
-def warm_policy(tmp_path_factory):
-    """Task files → tokenizer → tokenised RL prompts → a tiny model supervised for 150 steps (saved in HF format)."""
-    root = tmp_path_factory.mktemp("arith")
+def warm_up(root: Path):
+    """Task files → tokenizer → tokenised RL prompts → a tiny model supervised for 150 steps (saved in HF format
+    under ``root / "warm"``). Returns ``(root, tokenizer, RL items)``."""
     files = write_task_files(root / "data", seed=0, max_operand=9, pretrain_repeats=1)
     train_tokenizer([files["sft"]], vocab_size=300, output_dir=root / "tok", show_progress=False)
     tok = Tokenizer(root / "tok")
@@ -65,6 +72,11 @@ def warm_policy(tmp_path_factory):
     return root, tok, items
 
 
+@pytest.fixture(scope="module")
+def warm_policy(tmp_path_factory):
+    return warm_up(tmp_path_factory.mktemp("arith"))
+
+
 def expected_reward(trainer, items, eos: int) -> float:
     """Mean over prompts of P(reference answer followed by the stop token) under the policy (teacher forcing)."""
     model = trainer.backend.unwrap(trainer.model)
@@ -83,28 +95,32 @@ def sampled_reward(trainer, items, samples: int = 4) -> float:
     return trainer.evaluate_rewards(items * samples, greedy=False)["eval_reward"]
 
 
+def measure(warm, out: Path, seed: int) -> dict[str, float]:
+    """30 GRPO steps from the warm policy with ``seed``: expected and sampled reward before and after."""
+    root, tok, items = warm
+    cfg = TrainConfig(init_weights_path=str(root / "warm"), tokenizer=str(root / "tok"),
+                      file_dataset=[str(root / "rl_tok")], batch_size=8, n_epochs=100, max_steps=30,
+                      output_dir=str(out), dtype="fp32", save_interval=None, eval_interval=None,
+                      log_interval=10**6, seed=seed,
+                      optim_config=OptimConfig(initial_lr=5e-4, enable_lr_scheduler=False, weight_decay=0.0),
+                      grpo_config=GRPOConfig(group_size=8, loss_beta=0.0,
+                                             generate_config=GenerateConfig(max_new_tokens=4, temperature=1.0)))
+    tr = GRPOTrainer(train_config=cfg, reward_func=correct)
+    res = {"expected_before": expected_reward(tr, items, tok.eos_token_id), "sampled_before": sampled_reward(tr, items)}
+    tr.train()
+    res.update(expected_after=expected_reward(tr, items, tok.eos_token_id), sampled_after=sampled_reward(tr, items))
+    return res
+
+
 def test_grpo_raises_the_reward_on_the_arithmetic_task(warm_policy, tmp_path, capsys):
-    root, tok, items = warm_policy
-    results = {}
-    for seed in (0, 1, 2):
-        cfg = TrainConfig(init_weights_path=str(root / "warm"), tokenizer=str(root / "tok"),
-                          file_dataset=[str(root / "rl_tok")], batch_size=8, n_epochs=100, max_steps=30,
-                          output_dir=str(tmp_path / str(seed)), dtype="fp32", save_interval=None, eval_interval=None,
-                          log_interval=10**6, seed=seed,
-                          optim_config=OptimConfig(initial_lr=5e-4, enable_lr_scheduler=False, weight_decay=0.0),
-                          grpo_config=GRPOConfig(group_size=8, loss_beta=0.0,
-                                                 generate_config=GenerateConfig(max_new_tokens=4, temperature=1.0)))
-        tr = GRPOTrainer(train_config=cfg, reward_func=arithmetic_reward)
-        before = (expected_reward(tr, items, tok.eos_token_id), sampled_reward(tr, items))
-        tr.train()
-        after = (expected_reward(tr, items, tok.eos_token_id), sampled_reward(tr, items))
-        results[seed] = (before, after)
+    results = {seed: measure(warm_policy, tmp_path / str(seed), seed) for seed in SEEDS}
     with capsys.disabled():
-        for seed, ((e0, s0), (e1, s1)) in results.items():
-            print(f"\nGRPO arithmetic seed {seed}: expected reward {e0:.3f} -> {e1:.3f}, "
-                  f"sampled reward {s0:.3f} -> {s1:.3f}")
-    for seed, ((e0, s0), (e1, s1)) in results.items():
-        assert e1 > e0 + 0.03, (seed, results)
-    gains = [s1 - s0 for (_, s0), (_, s1) in results.values()]
-    assert sum(gains) / len(gains) > 0.03, results
-    assert min(gains) > 0.0, results
+        for seed, r in results.items():
+            print(f"\nGRPO arithmetic seed {seed}: expected reward {r['expected_before']:.3f} -> "
+                  f"{r['expected_after']:.3f}, sampled reward {r['sampled_before']:.3f} -> {r['sampled_after']:.3f}")
+    for seed, r in results.items():
+        assert r["expected_after"] > r["expected_before"] + MIN_EXPECTED_GAIN, (seed, results)
+    gains = {key: sum(r[key + "_after"] - r[key + "_before"] for r in results.values()) / len(results)
+             for key in ("expected", "sampled")}
+    assert gains["expected"] > MIN_MEAN_EXPECTED_GAIN, results
+    assert gains["sampled"] > MIN_MEAN_SAMPLED_GAIN, results

@@ -11,6 +11,10 @@ from llm_trainer.trainers.rewards import RewardFunctionError
 from llm_trainer.trainers.rollout import completion_logps
 from rl_helpers import EOS, copy_items, copy_reward, grpo_train_config
 
+# about half the worst measured gain, 0.586 (seeds 0-3; the same on every kernel set and thread count measured by
+# tests/learning_margins.py on 2026-11-28, docs/benchmarks.md "Learning tests' margins")
+MIN_COPY_GAIN = 0.3
+
 
 def _trainer(tmp_path, reward=copy_reward, service=None, **kw):
     return GRPOTrainer(train_config=grpo_train_config(tmp_path, **kw), reward_func=reward,
@@ -184,22 +188,24 @@ def test_reward_errors_surface_with_the_function_name(tmp_path):
         tr.train()
 
 
+def measure_copy_task(out, seed: int) -> dict[str, float]:
+    """100 GRPO steps on the copy task from a random tiny model: held-out greedy reward before and after."""
+    cfg = grpo_train_config(out, n_items=1024, steps=100, batch_size=8, seed=seed, group_size=8, lr=2e-3)
+    tr = GRPOTrainer(train_config=cfg, reward_func=copy_reward)
+    held_out = copy_items(128, seed=100 + seed)
+    before = tr.evaluate_rewards(held_out)["eval_reward"]
+    tr.train()
+    return {"before": before, "after": tr.evaluate_rewards(held_out)["eval_reward"]}
+
+
 def test_grpo_learns_the_copy_task(tmp_path, capsys):
-    """GRPO raises the held-out greedy reward of a random tiny model by a wide margin in 100 steps (measured:
-    seed 0 0.086 -> 0.898, seed 1 0.000 -> 0.773; see docs/rl.md)."""
-    gains = []
-    for seed in (0, 1):
-        cfg = grpo_train_config(tmp_path / str(seed), n_items=1024, steps=100, batch_size=8, seed=seed, group_size=8,
-                                lr=2e-3)
-        tr = GRPOTrainer(train_config=cfg, reward_func=copy_reward)
-        held_out = copy_items(128, seed=100 + seed)
-        before = tr.evaluate_rewards(held_out)["eval_reward"]
-        tr.train()
-        after = tr.evaluate_rewards(held_out)["eval_reward"]
-        gains.append(after - before)
-        with capsys.disabled():
-            print(f"\nGRPO copy task seed {seed}: held-out greedy reward {before:.3f} -> {after:.3f}")
-    assert min(gains) > 0.4, gains
+    """GRPO raises the held-out greedy reward of a random tiny model by a wide margin in 100 steps (the margin's
+    measurements over seeds, threads and CPU kernels: tests/learning_margins.py, docs/benchmarks.md)."""
+    results = {seed: measure_copy_task(tmp_path / str(seed), seed) for seed in (0, 1)}
+    with capsys.disabled():
+        for seed, r in results.items():
+            print(f"\nGRPO copy task seed {seed}: held-out greedy reward {r['before']:.3f} -> {r['after']:.3f}")
+    assert min(r["after"] - r["before"] for r in results.values()) > MIN_COPY_GAIN, results
 
 
 def test_completions_stop_at_the_chat_templates_end_of_turn(tmp_path):

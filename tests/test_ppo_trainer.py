@@ -16,6 +16,10 @@ from llm_trainer.trainers.rewards import RewardSet
 from llm_trainer.trainers.rollout import completion_logps
 from rl_helpers import EOS, copy_items, copy_reward, ppo_train_config
 
+# about half the worst measured gain, 0.219 (seeds 1-4; the same on every kernel set and thread count measured by
+# tests/learning_margins.py on 2026-11-28, docs/benchmarks.md "Learning tests' margins")
+MIN_DENSE_GAIN = 0.1
+
 
 def _fixed_service(completions):
     def service(model, prompts, config, group_size):
@@ -131,22 +135,26 @@ def dense_copy(completion_ids, answer_ids):
     return [[1.0 if t == a[0] else 0.0 for t in c] for c, a in zip(completion_ids, answer_ids)]
 
 
+def measure_dense_reward(out, seed: int) -> dict[str, float]:
+    """60 PPO steps on the dense copy reward: held-out greedy copy accuracy before and after."""
+    cfg = ppo_train_config(out, n_items=2048, steps=60, batch_size=32, seed=seed, ppo_epochs=2, ppo_batch_size=16,
+                           kl_beta=0.0, vf_coef=0.5)
+    tr = PPOTrainer(train_config=cfg, reward_func=dense_copy)
+    held = copy_items(128, seed=100 + seed)
+    tr.rewards = RewardSet(copy_reward)              # evaluate the held-out greedy copy accuracy
+    before = tr.evaluate_rewards(held)["eval_reward"]
+    tr.rewards = RewardSet(dense_copy)               # train on the dense reward
+    tr.train()
+    tr.rewards = RewardSet(copy_reward)
+    return {"before": before, "after": tr.evaluate_rewards(held)["eval_reward"]}
+
+
 def test_ppo_learns_a_dense_reward(tmp_path, capsys):
-    """PPO trained on the dense copy reward raises the held-out greedy copy accuracy in 60 steps (measured: seed 1
-    0.000 -> 0.312, seed 2 0.000 -> 0.266; see docs/rl.md)."""
-    gains = []
-    for seed in (1, 2):
-        cfg = ppo_train_config(tmp_path / str(seed), n_items=2048, steps=60, batch_size=32, seed=seed, ppo_epochs=2,
-                               ppo_batch_size=16, kl_beta=0.0, vf_coef=0.5)
-        tr = PPOTrainer(train_config=cfg, reward_func=dense_copy)
-        held = copy_items(128, seed=100 + seed)
-        tr.rewards = RewardSet(copy_reward)              # evaluate the held-out greedy copy accuracy
-        before = tr.evaluate_rewards(held)["eval_reward"]
-        tr.rewards = RewardSet(dense_copy)               # train on the dense reward
-        tr.train()
-        tr.rewards = RewardSet(copy_reward)
-        after = tr.evaluate_rewards(held)["eval_reward"]
-        gains.append(after - before)
-        with capsys.disabled():
-            print(f"\nPPO dense copy reward seed {seed}: held-out greedy copy accuracy {before:.3f} -> {after:.3f}")
-    assert min(gains) > 0.1, gains
+    """PPO trained on the dense copy reward raises the held-out greedy copy accuracy in 60 steps (the margin's
+    measurements over seeds, threads and CPU kernels: tests/learning_margins.py, docs/benchmarks.md)."""
+    results = {seed: measure_dense_reward(tmp_path / str(seed), seed) for seed in (1, 2)}
+    with capsys.disabled():
+        for seed, r in results.items():
+            print(f"\nPPO dense copy reward seed {seed}: held-out greedy copy accuracy {r['before']:.3f} -> "
+                  f"{r['after']:.3f}")
+    assert min(r["after"] - r["before"] for r in results.values()) > MIN_DENSE_GAIN, results

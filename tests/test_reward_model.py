@@ -10,6 +10,13 @@ from llm_trainer.data.formats import DataError
 from llm_trainer.model.reward import RewardModel, last_token_index
 from llm_trainer.trainers.reward import RewardTrainer
 
+# From tests/learning_margins.py (2026-11-28: seeds 42, 0-3, the same on every kernel set and thread count measured;
+# docs/benchmarks.md "Learning tests' margins"): held-out accuracy 1.0 on all 16 pairs every time (before: 0.125-0.688),
+# margin gain 8.6-11.7. The floors allow 4 of the 16 pairs lost (half-way between a coin flip and 1.0) and half the
+# worst margin gain.
+REWARD_MIN_ACCURACY = 0.75
+REWARD_MIN_MARGIN_GAIN = 4.0
+
 MC = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
           num_key_value_heads=2, max_position_embeddings=64)
 
@@ -35,8 +42,9 @@ def toy_pairs(n, seed):
     return out
 
 
-def make(tmp_path, data, name="rm", lr=1e-3, max_steps=2, n_epochs=1, batch_size=4, **rc):
+def make(tmp_path, data, name="rm", lr=1e-3, max_steps=2, n_epochs=1, batch_size=4, seed=42, **rc):
     cfg = TrainConfig(model_config=ModelConfig(**MC), file_dataset=data, batch_size=batch_size, n_epochs=n_epochs,
+                      seed=seed,
                       output_dir=str(tmp_path / name), dtype="fp32", save_interval=None, eval_interval=None,
                       log_interval=1, max_steps=max_steps, ds_config=None, reward_config=RewardConfig(**rc),
                       optim_config=OptimConfig(initial_lr=lr, enable_lr_scheduler=False, weight_decay=0.0),
@@ -73,17 +81,32 @@ def test_bradley_terry_wiring_with_margin(tmp_path):
     assert tr.count_units(batch) == 4
 
 
-def test_reward_trainer_learns_and_scores_round_trip(tmp_path):
+def train_toy_reward_model(tmp_path, seed: int = 42):
+    """24 updates on the toy preference; returns the trainer, the held-out pairs and held-out metrics before/after."""
     train, held = toy_pairs(48, 1), toy_pairs(16, 2)
-    tr = make(tmp_path, train, name="learn", lr=2e-3, max_steps=24, n_epochs=4, batch_size=8)
+    tr = make(tmp_path, train, name=f"learn{seed}", lr=2e-3, max_steps=24, n_epochs=4, batch_size=8, seed=seed)
     before = tr.preference_accuracy(held)
-    stats = [tr.train_step(w) for w in tr.training_windows()]
-    after = tr.preference_accuracy(held)
+    for w in tr.training_windows():
+        tr.train_step(w)
+    return tr, held, before, tr.preference_accuracy(held)
+
+
+def measure_toy_preference(tmp_path, seed: int = 42) -> dict[str, float]:
+    _, _, before, after = train_toy_reward_model(tmp_path, seed)
+    return {"accuracy_before": before["rewards/accuracy"], "accuracy": after["rewards/accuracy"],
+            "margin_gain": after["rewards/margin"] - before["rewards/margin"],
+            "loss_drop": before["loss"] - after["loss"]}
+
+
+def test_reward_trainer_learns_and_scores_round_trip(tmp_path):
+    """Held-out accuracy and margin rise (floors from measurements over seeds, threads and CPU kernels:
+    tests/learning_margins.py, docs/benchmarks.md), and the export scores like the trained model."""
+    tr, held, before, after = train_toy_reward_model(tmp_path)
     print(f"\nreward model held-out accuracy {before['rewards/accuracy']:.2f} -> {after['rewards/accuracy']:.2f}, "
-          f"margin {before['rewards/margin']:.3f} -> {after['rewards/margin']:.3f}, loss {stats[0]['loss']:.3f} -> "
-          f"{stats[-1]['loss']:.3f}")
-    assert after["rewards/accuracy"] >= 0.9 and after["rewards/accuracy"] > before["rewards/accuracy"]
-    assert after["rewards/margin"] > before["rewards/margin"] + 0.5
+          f"margin {before['rewards/margin']:.3f} -> {after['rewards/margin']:.3f}, loss {before['loss']:.3f} -> "
+          f"{after['loss']:.3f}")
+    assert after["rewards/accuracy"] >= REWARD_MIN_ACCURACY and after["rewards/accuracy"] > before["rewards/accuracy"]
+    assert after["rewards/margin"] > before["rewards/margin"] + REWARD_MIN_MARGIN_GAIN
     assert after["loss"] < before["loss"]
     # export -> from_pretrained: same scores
     path = tr.export()
