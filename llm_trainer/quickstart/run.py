@@ -58,7 +58,7 @@ class QuickstartSize:
 
 SIZES = {
     "full": QuickstartSize(hidden=128, layers=4, heads=4, max_operand=49, pretrain_repeats=2, pretrain_steps=150,
-                           pretrain_lr=1e-3, sft_steps=1000, sft_lr=1e-3, dpo_steps=40, dpo_lr=2e-5, grpo_steps=80,
+                           pretrain_lr=1e-3, sft_steps=1000, sft_lr=1e-3, dpo_steps=40, dpo_lr=2e-5, grpo_steps=200,
                            grpo_lr=1e-4, batch_size=32, test_limit=250),
     "tiny": QuickstartSize(hidden=32, layers=2, heads=2, max_operand=9, pretrain_repeats=1, pretrain_steps=2,
                            pretrain_lr=1e-3, sft_steps=3, sft_lr=1e-3, dpo_steps=2, dpo_lr=2e-5, grpo_steps=2,
