@@ -88,6 +88,18 @@ def make_classifier_folder(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def post_json(server: "ServerProcess", body, path: str = "/v1/rewards") -> tuple[int, dict]:
+    """POST ``body`` as JSON to the server over a real socket; (status, parsed JSON answer)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read())
+    conn.close()
+    return out
+
+
 def cli_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -4,8 +4,6 @@ probabilities are their softmax; concurrent requests are batched; generation end
 the folder by name."""
 from __future__ import annotations
 
-import http.client
-import json
 import math
 import threading
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 
 from llm_trainer.serve.loading import folder_kind, load_served_model
-from serve_models import ServerProcess, make_classifier_folder
+from serve_models import ServerProcess, make_classifier_folder, post_json as post
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +24,6 @@ def server(folder):
     srv = ServerProcess(folder, "--batch-wait-ms", "150", "--max-model-len", "256")
     yield srv
     srv.stop()
-
-
-def post(server, body, path="/v1/rewards"):
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-    r = conn.getresponse()
-    out = r.status, json.loads(r.read())
-    conn.close()
-    return out
 
 
 def test_logits_labels_and_probabilities_equal_the_classifier(server, folder):

@@ -3,15 +3,13 @@
 one batch, and bad input gets OpenAI-style errors."""
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 
 import pytest
 import torch
 
 from llm_trainer.serve.loading import load_served_model
-from serve_models import ServerProcess, make_reward_folder
+from serve_models import ServerProcess, make_reward_folder, post_json as post
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +22,6 @@ def server(folder):
     srv = ServerProcess(folder, "--batch-wait-ms", "150", "--max-model-len", "256")
     yield srv
     srv.stop()
-
-
-def post(server, body, path="/v1/rewards"):
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-    r = conn.getresponse()
-    out = r.status, json.loads(r.read())
-    conn.close()
-    return out
 
 
 def test_scores_equal_reward_model(server, folder):
