@@ -4,6 +4,9 @@ Prompt ``[BOS, d, SEP]`` with ``d`` one of 10 digit tokens; the reward is 1 when
 A random tiny model gets ~1/16 right, so any policy-gradient method has a clear signal to learn from."""
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from llm_trainer.configs import GRPOConfig, OptimConfig, PPOConfig, TrainConfig
@@ -52,3 +55,14 @@ def ppo_train_config(tmp_path, n_items=512, steps=4, batch_size=8, seed=0, lr=3e
                        output_dir=str(tmp_path), optim_config=OptimConfig(initial_lr=lr), save_interval=None,
                        eval_interval=None, log_interval=1000, max_steps=steps, dtype="fp32", seed=seed,
                        ppo_config=PPOConfig(generate_config=gc, **ppo))
+
+
+def write_rank_result(out_path: str, result: dict) -> None:
+    """A 2-rank test worker's report: rank 0 writes ``out_path``; another rank writes ``out_path + ".rank1"`` only
+    when it failed (``"error"`` in ``result``). Written to a temporary file first, then renamed."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or "error" in result:
+        path = out_path if rank == 0 else out_path + ".rank1"
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(path + ".tmp", path)

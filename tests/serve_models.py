@@ -100,6 +100,23 @@ def post_json(server: "ServerProcess", body, path: str = "/v1/rewards") -> tuple
     return out
 
 
+def post_concurrently(server: "ServerProcess", bodies: list, path: str = "/v1/rewards") -> list[tuple[int, dict]]:
+    """POST every body at once, one client thread each; the answers in the bodies' order."""
+    import threading
+
+    results: list = [None] * len(bodies)
+
+    def ask(i: int) -> None:
+        results[i] = post_json(server, bodies[i], path)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def cli_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -40,6 +40,7 @@ def _checksum(trainer) -> list[float]:
 
 def main(out_path: str, workdir: str, tok_dir: str, kind: str, stage: str) -> None:
     sys.path.insert(0, HERE)
+    from rl_helpers import write_rank_result
     from llm_trainer.configs import EpisodeConfig, GRPOConfig, OptimConfig, PPOConfig, TrainConfig
     from llm_trainer.generation import GenerateConfig
     from llm_trainer.model import ModelConfig
@@ -91,11 +92,7 @@ def main(out_path: str, workdir: str, tok_dir: str, kind: str, stage: str) -> No
     except Exception as e:  # noqa: BLE001 - reported to the test
         import traceback
         result = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
-    if int(os.environ.get("RANK", "0")) == 0 or "error" in result:
-        path = out_path if int(os.environ.get("RANK", "0")) == 0 else out_path + ".rank1"
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f)
-        os.replace(path + ".tmp", path)
+    write_rank_result(out_path, result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def _checksum(trainer) -> list[float]:
 
 def main(out_path: str, workdir: str, kind: str) -> None:
     sys.path.insert(0, HERE)
-    from rl_helpers import copy_reward, grpo_train_config
+    from rl_helpers import copy_reward, grpo_train_config, write_rank_result
     from llm_trainer.parallel import DsConfig, DsZero3Config
     from llm_trainer.trainers.grpo import GRPOTrainer
     ds = None
@@ -62,11 +62,7 @@ def main(out_path: str, workdir: str, kind: str) -> None:
     except Exception as e:  # noqa: BLE001 - reported to the test
         import traceback
         result = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
-    if int(os.environ.get("RANK", "0")) == 0 or "error" in result:
-        path = out_path if int(os.environ.get("RANK", "0")) == 0 else out_path + ".rank1"
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f)
-        os.replace(path + ".tmp", path)
+    write_rank_result(out_path, result)
 
 
 if __name__ == "__main__":

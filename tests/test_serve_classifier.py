@@ -5,13 +5,12 @@ the folder by name."""
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 import torch
 
 from llm_trainer.serve.loading import folder_kind, load_served_model
-from serve_models import ServerProcess, make_classifier_folder, post_json as post
+from serve_models import ServerProcess, make_classifier_folder, post_concurrently, post_json as post
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +51,8 @@ def test_logits_labels_and_probabilities_equal_the_classifier(server, folder):
 def test_concurrent_requests_are_batched(server, folder):
     served = load_served_model(folder)
     texts = [f"item {i} " * (1 + i % 3) for i in range(6)]
-    results = [None] * len(texts)
-
-    def ask(i):
-        results[i] = post(server, {"input": texts[i]})
-
     before = server.health()
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = post_concurrently(server, [{"input": t} for t in texts])
     for text, (status, body) in zip(texts, results):
         assert status == 200, body
         alone = served.model.predict([served.tokenizer.encode(text)])[0]

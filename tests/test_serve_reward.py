@@ -3,13 +3,12 @@
 one batch, and bad input gets OpenAI-style errors."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
 
 from llm_trainer.serve.loading import load_served_model
-from serve_models import ServerProcess, make_reward_folder, post_json as post
+from serve_models import ServerProcess, make_reward_folder, post_concurrently, post_json as post
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +49,8 @@ def test_scores_equal_reward_model(server, folder):
 def test_concurrent_requests_are_scored_together(server, folder):
     served = load_served_model(folder)
     texts = [f"answer number {i} " * (1 + i % 4) for i in range(8)]
-    results = [None] * len(texts)
-
-    def ask(i):
-        results[i] = post(server, {"input": texts[i]})
-
     before = server.health()
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = post_concurrently(server, [{"input": t} for t in texts])
     for text, (status, body) in zip(texts, results):
         assert status == 200, body
         alone = float(served.model.score([served.tokenizer.encode(text)], [[]])[0])
